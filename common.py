@@ -1,0 +1,501 @@
+"""What every algorithm shares: the sigma schedule, the SDE step with its log-probability, rollouts,
+the policy wrapper over a backend (shapes / SD3) with LoRA and a reference context, group advantages,
+evaluation, logging, image grids, checkpoints and resume.
+
+Conventions (rectified flow, as SD3 / FLUX): t = sigma in [0, 1], x_t = (1 - t) * x0 + t * eps,
+the model predicts the velocity v = eps - x0, sampling integrates from t = 1 (noise) to t = 0 (data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+SHAPES_BASE = ASSETS / "shapes_base"
+
+
+# ----------------------------------------------------------------------------------------------
+# Device, seeding
+# ----------------------------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    """'auto' takes CUDA when present, else the CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name} was asked for, but no CUDA device is available: use --device cpu or auto")
+    dev = torch.device(name)
+    if dev.type == "cpu":
+        torch.set_flush_denormal(True)  # denormals made CPU conv steps ~15x slower
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler: sigma schedule, SDE step with log-prob, rollout
+# ----------------------------------------------------------------------------------------------
+def sigma_schedule(num_steps: int, shift: float) -> torch.Tensor:
+    """num_steps + 1 sigmas from 1 down to 0: diffusers' FlowMatchEulerDiscreteScheduler(shift=shift)
+    sigmas after set_timesteps(num_steps), plus the final 0.
+
+    The scheduler spaces timesteps linearly between sigma_max = 1 and its shifted sigma_min, and shifts
+    them once more: s -> shift * s / (1 + (shift - 1) * s)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+
+    def shifted(s):
+        return shift * s / (1 + (shift - 1) * s)
+
+    s_min = shifted(np.float64(1.0 / 1000))  # the scheduler's training sigmas end at t = 1/1000
+    s = shifted(np.linspace(1.0, s_min, num_steps, dtype=np.float64))
+    return torch.tensor(np.append(s, 0.0), dtype=torch.float32)
+
+
+class Step(NamedTuple):
+    sample: torch.Tensor  # x_{t-1}
+    log_prob: torch.Tensor | None  # mean over non-batch dims of log N(sample; mean, std^2); None for the ODE
+    mean: torch.Tensor  # mu_theta(x_t)
+    std: torch.Tensor  # transition std sigma_t * sqrt(-dt), broadcastable to the sample
+
+
+def _per_sample(value, like: torch.Tensor) -> torch.Tensor:
+    """A float or a (B,) tensor as a float32 tensor broadcastable against `like` (B, ...)."""
+    t = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    return t.view(-1, *([1] * (like.ndim - 1))) if t.ndim == 1 else t
+
+
+def sde_step(x, v, sigma, sigma_next, noise_level: float, noise=None, prev_sample=None, generator=None) -> Step:
+    """One Euler-Maruyama step of the marginal-preserving reverse SDE of rectified flow (Flow-GRPO):
+
+        dx = [v + sigma_t^2 / (2 t) * (x + (1 - t) v)] dt + sigma_t dw,   sigma_t = a * sqrt(t / (1 - t))
+
+    with t = sigma, dt = sigma_next - sigma < 0 and a = noise_level. At t = 1 the denominator 1 - t is
+    replaced by 1 - sigma_next. a = 0 is the plain Euler ODE step x + v * dt, which has no density.
+    All arithmetic is float32, whatever the model's dtype. sigma and sigma_next are floats or (B,) tensors.
+    """
+    x, v = x.float(), v.float()
+    sig, sig_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
+    dt = sig_next - sig
+    denom = 1 - torch.where(sig == 1, sig_next, sig)
+    std_t = noise_level * torch.sqrt(sig / denom)
+    mean = x + (v + std_t**2 / (2 * sig) * (x + (1 - sig) * v)) * dt
+    std = std_t * torch.sqrt(-dt)
+    if noise_level == 0:
+        if prev_sample is not None:
+            raise ValueError("noise_level 0 is the deterministic ODE step: it has no density, so no log-prob of "
+                             "prev_sample exists; use noise_level > 0 on the steps you train")
+        return Step(mean, None, mean, std)
+    if prev_sample is None:
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        prev_sample = mean + std * noise
+    prev_sample = prev_sample.float()
+    log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return Step(prev_sample, log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std)
+
+
+class Rollout(NamedTuple):
+    latents: torch.Tensor  # (B, T + 1, ...) the states x_{t_0} ... x_{t_T} visited from `start`
+    log_probs: torch.Tensor  # (B, T) log-prob of each transition; 0 where the step was the ODE
+
+
+def rollout(policy, cond, x, sigmas, noise_levels, guidance: float, generator=None, start: int = 0) -> Rollout:
+    """Sample from step `start` to the end of `sigmas`, with noise level noise_levels[i] on step i
+    (0 = ODE step). Keeps every state and the log-prob of every stochastic transition."""
+    latents, log_probs = [x.float()], []
+    for i in range(start, len(sigmas) - 1):
+        v = policy.velocity(x, sigmas[i], cond, guidance)
+        step = sde_step(x, v, sigmas[i], sigmas[i + 1], float(noise_levels[i]), generator=generator)
+        x = step.sample
+        latents.append(x)
+        log_probs.append(step.log_prob if step.log_prob is not None else torch.zeros(len(x), device=x.device))
+    return Rollout(torch.stack(latents, 1), torch.stack(log_probs, 1))
+
+
+def flow_matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Per-sample rectified-flow loss ||v_theta(x_t, t) - (eps - x0)||^2, mean over non-batch dims."""
+    err = (v_pred.float() - (noise.float() - x0.float())) ** 2
+    return err.mean(dim=tuple(range(1, err.ndim)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Group advantages (GRPO)
+# ----------------------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, global_std: bool = False, eps: float = 1e-4):
+    """A_i = (r_i - mean of its group) / (std + eps), the std taken within the group or over the whole batch.
+    `groups` holds one integer id per sample (the prompt's index); a group needs at least 2 samples."""
+    rewards = rewards.float()
+    adv = torch.empty_like(rewards)
+    batch_std = rewards.std(unbiased=False)
+    for g in groups.unique():
+        m = groups == g
+        if m.sum() < 2:
+            raise ValueError("a group needs at least 2 samples to have an advantage: raise --group-size")
+        r = rewards[m]
+        std = batch_std if global_std else r.std(unbiased=False)
+        adv[m] = (r - r.mean()) / (std + eps)
+    return adv
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy: one wrapper over every backend
+# ----------------------------------------------------------------------------------------------
+def _stack_cond(conds: list[dict]) -> dict:
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def index_cond(cond: dict, idx) -> dict:
+    return {k: v[idx] for k, v in cond.items()}
+
+
+class Policy:
+    """A flow model as a policy: encode prompts, predict velocities (CFG inside), decode to images.
+
+    Trainable parameters are LoRA adapters (peft) on the denoiser, or the whole denoiser when
+    lora_rank == 0. `reference()` gives the frozen base: the adapters disabled, or a frozen copy."""
+
+    def __init__(self, backend: str, denoiser, encode_fn, decode_fn, latent_shape, device, dtype=torch.float32):
+        self.backend, self.denoiser, self._encode, self._decode = backend, denoiser, encode_fn, decode_fn
+        self.latent_shape, self.device, self.dtype = tuple(latent_shape), device, dtype
+        self.denoiser.requires_grad_(False)
+        self.frozen_copy = None
+        self.clock = {"forward": 0.0, "backward": 0.0}  # seconds inside model calls, for time/ metrics
+        self.uncond = self.encode([""])
+
+    # -- trainable parameters ----------------------------------------------------------------
+    def add_lora(self, rank: int, alpha: float, targets: list[str]) -> None:
+        if rank == 0:  # full fine-tuning; the reference is a frozen copy of the base
+            self.frozen_copy = copy.deepcopy(self.denoiser).requires_grad_(False)
+            self.denoiser.requires_grad_(True)
+            return
+        from peft import LoraConfig
+
+        self.denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                             target_modules=targets))
+        for p in self.trainable_parameters():
+            p.data = p.data.float()  # adapters train in fp32 even over bf16 / fp16 weights
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.denoiser.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.denoiser.named_parameters())
+        missing = [n for n in state if n not in params]
+        if missing:
+            raise ValueError(f"checkpoint has parameters this policy lacks ({missing[:3]}...): "
+                             "was it saved with other --model / --lora-rank settings?")
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen base policy pi_ref (for KL terms and regularisers)."""
+        if self.frozen_copy is not None:
+            live, self.denoiser = self.denoiser, self.frozen_copy
+            try:
+                yield
+            finally:
+                self.denoiser = live
+            return
+        self.denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            self.denoiser.enable_adapters()
+
+    # -- the model --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> dict:
+        return self._encode(list(prompts))
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """loss.backward(), timed into self.clock["backward"]."""
+        t0 = self._sync()
+        loss.backward()
+        self.clock["backward"] += self._sync() - t0
+
+    def _forward(self, x, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        t0 = self._sync()
+        out = self._denoise(x, sigma * 1000, cond)  # diffusers' timestep convention
+        self.clock["forward"] += self._sync() - t0
+        return out
+
+    def _denoise(self, x, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        with self._autocast():
+            if self.backend == "shapes":
+                out = self.denoiser(x, t, encoder_hidden_states=cond["hidden"], return_dict=False)[0]
+            else:
+                out = self.denoiser(hidden_states=x.to(self.dtype), timestep=t, encoder_hidden_states=cond["hidden"],
+                                    pooled_projections=cond["pooled"], return_dict=False)[0]
+        return out.float()
+
+    def velocity(self, x, sigma, cond: dict, guidance: float) -> torch.Tensor:
+        """v_theta(x, sigma | c); with guidance w > 1, v_u + w * (v_c - v_u) against the empty prompt."""
+        b = len(x)
+        sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        sig = sig.expand(b) if sig.ndim == 0 else sig
+        if guidance == 1:
+            return self._forward(x, sig, cond)
+        unc = {k: v.expand(b, *v.shape[1:]) for k, v in self.uncond.items()}
+        v_u, v_c = self._forward(torch.cat([x, x]), torch.cat([sig, sig]), _stack_cond([unc, cond])).chunk(2)
+        return v_u + guidance * (v_c - v_u)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents to images in [0, 1], (B, 3, H, W) float32."""
+        return self._decode(x).float().clamp(0, 1)
+
+    def noise(self, n: int, generator=None) -> torch.Tensor:
+        return torch.randn((n, *self.latent_shape), generator=generator, device=self.device)
+
+
+SHAPES_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out"]
+SD3_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+
+
+def shapes_policy(unet, text_encoder, tokenizer, device) -> Policy:
+    """The embedded default: pixel space (32x32 RGB in [-1, 1]), so decoding is a rescale."""
+    from shapes import MAX_TOKENS, RES
+
+    text_encoder = text_encoder.to(device).eval().requires_grad_(False)
+
+    def encode(prompts):
+        ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        return {"hidden": text_encoder(ids).last_hidden_state}
+
+    return Policy("shapes", unet.to(device).eval(), encode, lambda x: (x + 1) / 2, (3, RES, RES), device)
+
+
+def load_shapes_base(path: Path = SHAPES_BASE):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if not (path / "unet").is_dir():
+        raise SystemExit(f"the shapes base model is missing at {path}: run `python pretrain.py` to rebuild it")
+    return (UNet2DConditionModel.from_pretrained(path / "unet").eval(),
+            CLIPTextModel.from_pretrained(path / "text_encoder").eval(),
+            CLIPTokenizer.from_pretrained(path / "tokenizer"))
+
+
+def sd3_policy(model: str, device, dtype, resolution: int) -> Policy:
+    """Stable Diffusion 3 / 3.5 through diffusers, from a hub id or a local folder."""
+    from diffusers import StableDiffusion3Pipeline
+
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise SystemExit(
+            f"cannot load --model {model!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}\n"
+            f"It is neither a local diffusers folder nor in the Hugging Face cache (and the hub is "
+            f"unreachable or HF_HUB_OFFLINE=1 is set). Fetch it once where the hub is reachable with "
+            f"`huggingface-cli download {model}` (gated models need `huggingface-cli login`), or pass a local folder."
+        ) from None
+    pipe.to(device)
+    for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.vae):
+        if m is not None:
+            m.requires_grad_(False).eval()
+    vae = pipe.vae
+    f = pipe.vae_scale_factor
+
+    def encode(prompts):
+        pe, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
+                                              device=device, max_sequence_length=128)
+        return {"hidden": pe, "pooled": pooled}
+
+    def decode(x):
+        z = x.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        return vae.decode(z, return_dict=False)[0] / 2 + 0.5
+
+    shape = (pipe.transformer.config.in_channels, resolution // f, resolution // f)
+    return Policy("sd3", pipe.transformer.eval(), encode, decode, shape, device, dtype)
+
+
+def load_policy(model: str | None, device, mixed_precision: str = "bf16", resolution: int | None = None) -> Policy:
+    """--model None: the embedded shapes base; otherwise an SD3 pipeline (hub id or local folder)."""
+    if model is None:
+        if resolution not in (None, 32):
+            raise SystemExit("the shapes world is 32x32 pixels: leave --resolution unset without --model")
+        return shapes_policy(*load_shapes_base(), device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[mixed_precision]
+    if device.type == "cpu":
+        dtype = torch.float32  # half precision on the CPU is slow and inexact
+    return sd3_policy(model, device, dtype, resolution or 512)
+
+
+def lora_targets(policy: Policy) -> list[str]:
+    return SHAPES_LORA_TARGETS if policy.backend == "shapes" else SD3_LORA_TARGETS
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters, swapped in for evaluation."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        live = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, live):
+                    p.copy_(s)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------
+def load_prompts(path: str | None, split: str) -> list[str]:
+    """Prompts from a text file (one per line), or the shapes world's train / eval split."""
+    if path is None:
+        from shapes import prompt_split
+
+        return prompt_split(split)
+    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise SystemExit(f"--prompts file {path} holds no prompts")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: the ODE on held-out prompts, fixed noise
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(policy: Policy, prompts: list[str], reward_fn, per_prompt: int, num_steps: int, shift: float,
+             guidance: float, seed: int, batch_size: int = 64):
+    """Score ODE samples of every prompt `per_prompt` times from noise fixed by `seed`.
+    Returns ({metric: value}, images of the first sample of each prompt)."""
+    sigmas = sigma_schedule(num_steps, shift)
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
+    all_prompts = [p for p in prompts for _ in range(per_prompt)]
+    scores, infos, firsts = [], [], []
+    for i in range(0, len(all_prompts), batch_size):
+        chunk = all_prompts[i:i + batch_size]
+        x = policy.noise(len(chunk), gen)
+        out = rollout(policy, policy.encode(chunk), x, sigmas, [0.0] * num_steps, guidance)
+        images = policy.decode(out.latents[:, -1])
+        s, info = reward_fn(images, chunk)
+        scores.append(s)
+        infos.append(info)
+        firsts += [img for j, img in enumerate(images) if (i + j) % per_prompt == 0]
+    metrics = {"eval/score": torch.cat(scores).mean().item()}
+    for key in infos[0]:  # per-sample values, NaN where a metric does not apply (another category)
+        metrics[f"eval/{key}"] = torch.cat([inf[key] for inf in infos]).nanmean().item()
+    return metrics, torch.stack(firsts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging, image grids, checkpoints
+# ----------------------------------------------------------------------------------------------
+def new_run_dir(out: str | None, name: str) -> Path:
+    path = Path(out) if out else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Logger:
+    """metrics.jsonl (one object per log point: step, wall_time, metrics), TensorBoard, wandb behind --track."""
+
+    def __init__(self, run_dir: Path, config: dict, track: bool = False, start_time: float | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir, self.t0 = run_dir, start_time if start_time is not None else time.time()
+        self.tb = SummaryWriter(str(run_dir))
+        self.tb.add_text("config", "\n".join(f"{k}: {v}" for k, v in config.items()))
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.wandb = None
+        if track:
+            import wandb
+
+            self.wandb = wandb.init(project="cleanflowrl", name=run_dir.name, config=config, dir=str(run_dir))
+
+    def log(self, step: int, metrics: dict, wall_offset: float = 0.0) -> None:
+        wall = time.time() - self.t0 + wall_offset
+        self.jsonl.write(json.dumps({"step": step, "wall_time": round(wall, 3), **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, scale: int = 1) -> None:
+    """Save (B, 3, H, W) images in [0, 1] as one PNG grid with 2-pixel white gutters."""
+    from PIL import Image
+
+    b, _, h, w = images.shape
+    ncol = min(nrow, b)
+    rows = math.ceil(b / ncol)
+    grid = torch.ones(3, rows * (h + 2) + 2, ncol * (w + 2) + 2)
+    for i, img in enumerate(images.float().cpu().clamp(0, 1)):
+        r, c = divmod(i, ncol)
+        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = img
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    im = Image.fromarray(arr)
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    im.save(path)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: write to a temporary file, then rename over the old checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise SystemExit(f"--resume: no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,274 @@
+"""Flow-GRPO (Liu et al., 2025, arXiv 2505.05470): online RL for flow-matching models with GRPO.
+
+The deterministic flow ODE has no likelihood, so Flow-GRPO samples with an SDE that has the same
+marginals, dx = [v + sigma_t^2/(2t) (x + (1-t) v)] dt + sigma_t dw with sigma_t = a sqrt(t/(1-t)); every
+step is then a Gaussian policy pi_theta(x_{t-1} | x_t, c) with a closed-form log-probability. For each
+prompt c a group of G images is sampled, scored, and the PPO-clipped GRPO objective is maximised:
+
+    A_i = (r_i - mean(r_group)) / (std + 1e-4)
+    L   = mean_{i,t} max(-A_i rho_{i,t}, -A_i clip(rho_{i,t}, 1 - eps, 1 + eps)) + beta KL(pi_theta || pi_ref)
+    rho_{i,t} = pi_theta(x_{t-1} | x_t, c) / pi_old(x_{t-1} | x_t, c)
+
+"Denoising reduction": training samples use few steps (10), evaluation the ODE with more (20 here, 40 in
+the paper). See docs/flow_grpo.md for every implementation detail.
+
+    python flow_grpo.py                       # the embedded shapes world, on the CPU in minutes
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import tyro
+from tqdm import tqdm
+
+from common import (EMA, Logger, group_advantages, index_cond, load_checkpoint, load_policy, load_prompts,
+                    lora_targets, new_run_dir, pick_device, rollout, save_checkpoint, save_grid, sde_step,
+                    seed_everything, sigma_schedule, evaluate)
+from rewards import make_reward
+
+
+@dataclass
+class Args:
+    # ---- shared by every script (TRY NOT TO MODIFY: the same text in all five) ----
+    model: str | None = None
+    """diffusers SD3 model (hub id or local folder); unset: the embedded shapes base, no download"""
+    reward: str = "shapes"
+    """reward name, or a weighted sum such as 'shapes:1.0,jpeg_compressibility:0.1'"""
+    prompts: str | None = None
+    """training prompts, one per line; unset: the shapes world's train split"""
+    eval_prompts: str | None = None
+    """held-out evaluation prompts, one per line; unset: the shapes world's eval split"""
+    steps: int = 80
+    """training iterations (sample, score, update)"""
+    prompts_per_step: int = 8
+    """distinct prompts sampled per iteration"""
+    group_size: int = 8
+    """images per prompt (G); the group's rewards give each image its advantage"""
+    num_steps: int = 10
+    """sampling steps of training rollouts"""
+    eval_num_steps: int = 20
+    """ODE steps of evaluation (more than num_steps: the paper's denoising reduction)"""
+    shift: float = 3.0
+    """time shift of the sigma schedule (SD3.5's scheduler value)"""
+    guidance: float = 4.5
+    """classifier-free guidance scale, in sampling, training and evaluation"""
+    resolution: int | None = None
+    """image side in pixels (SD3 default 512); the shapes world is fixed at 32"""
+    lr: float = 1e-4
+    """AdamW learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    lora_rank: int = 32
+    """LoRA rank; 0 fine-tunes every weight of the denoiser"""
+    lora_alpha: float = 64.0
+    """LoRA alpha (scale alpha / rank)"""
+    ema_decay: float = 0.9
+    """EMA of the trainable weights used for evaluation; 0 evaluates the live weights"""
+    eval_every: int = 10
+    """evaluate every this many iterations (and at the end)"""
+    eval_per_prompt: int = 4
+    """evaluation images per held-out prompt (fixed noise)"""
+    save_every: int = 10
+    """checkpoint every this many iterations (and at the end)"""
+    seed: int = 0
+    """seed of prompts, noise and initial adapter weights"""
+    device: str = "auto"
+    """'auto' (CUDA if present), 'cpu' or 'cuda'"""
+    mixed_precision: str = "bf16"
+    """weights' dtype on CUDA: bf16, fp16 or fp32 (log-probs are always float32)"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    out: str | None = None
+    """run folder; unset: runs/<script>-<date>"""
+    resume: str | None = None
+    """run folder (or checkpoint file) to continue from"""
+    track: bool = False
+    """also log to Weights & Biases"""
+    # ---- Flow-GRPO ----
+    noise_level: float = 0.7
+    """a in sigma_t = a sqrt(t / (1 - t)): the SDE's noise level"""
+    clip_range: float = 1e-3
+    """PPO clip epsilon on the per-step ratio (the paper: 1e-4 on SD3.5-M)"""
+    beta: float = 0.0
+    """KL(pi_theta || pi_ref) coefficient (the paper: 0.04 on SD3.5-M)"""
+    adv_clip: float = 5.0
+    """advantages are clipped to [-adv_clip, adv_clip]"""
+    global_std: bool = False
+    """normalise advantages by the std of the whole batch instead of each group's"""
+    timestep_fraction: float = 0.99
+    """fraction of sampling steps trained per iteration (a random subset; the last step is never trained)"""
+    minibatches: int = 2
+    """optimiser steps per iteration: the batch is split into this many minibatches"""
+
+
+# ------------------------------------------------------------------------------------------------
+# Flow-GRPO: sampling, advantages, update
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_batch(policy, prompts: list[str], args: Args, gen: torch.Generator) -> dict:
+    """G images per prompt with the SDE on every step; keeps every state and per-step log-prob."""
+    all_prompts = [p for p in prompts for _ in range(args.group_size)]
+    cond = policy.encode(all_prompts)
+    sigmas = sigma_schedule(args.num_steps, args.shift)
+    x = policy.noise(len(all_prompts), gen)
+    out = rollout(policy, cond, x, sigmas, [args.noise_level] * args.num_steps, args.guidance, gen)
+    return {"prompts": all_prompts, "groups": torch.arange(len(prompts)).repeat_interleave(args.group_size),
+            "cond": cond, "latents": out.latents, "log_probs": out.log_probs, "sigmas": sigmas,
+            "images": policy.decode(out.latents[:, -1])}
+
+
+def compute_advantages(batch: dict, rewards: torch.Tensor, args: Args) -> torch.Tensor:
+    """GRPO: per-prompt z-score, clipped."""
+    adv = group_advantages(rewards, batch["groups"], global_std=args.global_std)
+    return adv.clamp(-args.adv_clip, args.adv_clip)
+
+
+def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, args: Args, gen: torch.Generator) -> dict:
+    """PPO-clipped policy gradient over the trained steps, one optimiser step per minibatch."""
+    n = len(adv)
+    t_max = args.num_steps - 1  # the last step (sigma ~ 0.01 -> 0) is sampled but never trained
+    n_train = max(1, min(t_max, int(args.num_steps * args.timestep_fraction)))
+    steps = sorted(torch.randperm(t_max, generator=gen)[:n_train].tolist())
+    sig = batch["sigmas"]
+    stats = {"loss/policy": 0.0, "loss/kl": 0.0, "train/clipfrac": 0.0, "train/ratio": 0.0, "train/skipped": 0}
+    count = 0
+    for mb in torch.randperm(n, generator=gen).chunk(args.minibatches):
+        cond, a = index_cond(batch["cond"], mb), adv[mb].to(policy.device)
+        opt.zero_grad(set_to_none=True)
+        for j in steps:
+            x, x_next = batch["latents"][mb, j], batch["latents"][mb, j + 1]
+            step = sde_step(x, policy.velocity(x, sig[j], cond, args.guidance), sig[j], sig[j + 1],
+                            args.noise_level, prev_sample=x_next)
+            ratio = torch.exp(step.log_prob - batch["log_probs"][mb, j])
+            clipped = torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
+            policy_loss = torch.maximum(-a * ratio, -a * clipped).mean()
+            kl = torch.zeros(())
+            if args.beta > 0:  # KL of two Gaussians with the same std: ||mu - mu_ref||^2 / (2 std^2)
+                with torch.no_grad(), policy.reference():
+                    v_ref = policy.velocity(x, sig[j], cond, args.guidance)
+                mean_ref = sde_step(x, v_ref, sig[j], sig[j + 1], args.noise_level, prev_sample=x_next).mean
+                kl = (((step.mean - mean_ref) ** 2).mean(dim=tuple(range(1, x.ndim))) / (2 * step.std.flatten() ** 2)).mean()
+            loss = (policy_loss + args.beta * kl) / len(steps)
+            if not torch.isfinite(loss):
+                stats["train/skipped"] += 1
+                continue
+            policy.backward(loss)
+            stats["loss/policy"] += policy_loss.item()
+            stats["loss/kl"] += kl.item()
+            stats["train/clipfrac"] += ((ratio - 1).abs() > args.clip_range).float().mean().item()
+            stats["train/ratio"] += ratio.mean().item()
+            count += 1
+        torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
+        opt.step()
+    return {k: (v / max(count, 1) if k != "train/skipped" else v) for k, v in stats.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop (TRY NOT TO MODIFY: the same text in all five scripts)
+# ------------------------------------------------------------------------------------------------
+def check_args(args: Args) -> None:
+    if args.group_size < 2:
+        raise SystemExit(f"--group-size {args.group_size}: a group needs at least 2 images to have an advantage")
+    if args.prompts_per_step < 1 or args.steps < 0 or args.num_steps < 2:
+        raise SystemExit("--prompts-per-step >= 1, --steps >= 0 and --num-steps >= 2 are required")
+    if args.minibatches < 1 or args.minibatches > args.prompts_per_step * args.group_size:
+        raise SystemExit(f"--minibatches must be between 1 and the batch size ({args.prompts_per_step * args.group_size})")
+
+
+def main(args: Args) -> dict:
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    try:
+        reward_fn = make_reward(args.reward)
+    except ValueError as e:
+        raise SystemExit(f"--reward: {e}") from None
+    train_prompts = load_prompts(args.prompts, "train")
+    eval_prompts = load_prompts(args.eval_prompts, "eval")
+    policy = load_policy(args.model, device, args.mixed_precision, args.resolution)
+    policy.add_lora(args.lora_rank, args.lora_alpha, lora_targets(policy))
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    print(f"{policy.backend} on {device}: {sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.2f}M trainable "
+          f"parameters; {args.prompts_per_step} prompts x {args.group_size} images per iteration")
+    ema = EMA(policy.trainable_parameters(), args.ema_decay)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    cpu_gen = torch.Generator().manual_seed(args.seed)
+    prompt_rng = random.Random(args.seed)
+    start, wall_offset = 0, 0.0
+    run_dir = Path(args.resume) if args.resume else new_run_dir(args.out, Path(__file__).stem)
+    if args.resume:
+        ckpt = load_checkpoint(run_dir / "checkpoint.pt" if run_dir.is_dir() else run_dir)
+        run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+        policy.load_trainable_state(ckpt["trainable"])
+        opt.load_state_dict(ckpt["optimizer"])
+        ema.shadow = ckpt["ema"]
+        gen.set_state(ckpt["gen"])
+        cpu_gen.set_state(ckpt["cpu_gen"])
+        prompt_rng.setstate(ckpt["prompt_rng"])
+        start, wall_offset = ckpt["step"], ckpt["wall_time"]
+        print(f"resumed {run_dir} at iteration {start}")
+    logger = Logger(run_dir, asdict(args), args.track)
+    t_start = time.time()
+
+    def wall() -> float:
+        return time.time() - t_start + wall_offset
+
+    def run_eval(step: int) -> dict:
+        t0 = time.time()
+        with ema.swapped_in():  # decay 0: the shadow is the live weights
+            metrics, images = evaluate(policy, eval_prompts, reward_fn, args.eval_per_prompt, args.eval_num_steps,
+                                       args.shift, args.guidance, seed=args.seed + 10_000)
+        save_grid(images, run_dir / f"eval_{step:05d}.png", nrow=8, scale=4 if policy.backend == "shapes" else 1)
+        metrics["time/eval"] = time.time() - t0
+        logger.log(step, metrics, wall_offset)
+        return metrics
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir / "checkpoint.pt", {
+            "trainable": policy.trainable_state(), "optimizer": opt.state_dict(), "ema": ema.shadow,
+            "gen": gen.get_state(), "cpu_gen": cpu_gen.get_state(), "prompt_rng": prompt_rng.getstate(),
+            "step": step, "wall_time": wall(), "args": asdict(args)})
+
+    last_eval = run_eval(start) if start == 0 else {}
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=Path(__file__).stem)
+    for step in bar:
+        policy.clock.update(forward=0.0, backward=0.0)
+        t0 = time.time()
+        prompts = prompt_rng.choices(train_prompts, k=args.prompts_per_step)
+        batch = sample_batch(policy, prompts, args, gen)
+        t1 = time.time()
+        rewards, info = reward_fn(batch["images"], batch["prompts"])
+        adv = compute_advantages(batch, rewards, args)
+        t2 = time.time()
+        stats = train_on_batch(policy, opt, batch, adv, args, cpu_gen)
+        ema.update()
+        t3 = time.time()
+        metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+                   **{f"reward/{k}": v.nanmean().item() for k, v in info.items() if not v.isnan().all()},
+                   "adv/abs_mean": adv.abs().mean().item(), **stats,
+                   "time/sample": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
+                   "time/forward": policy.clock["forward"], "time/backward": policy.clock["backward"],
+                   "samples": (step + 1) * args.prompts_per_step * args.group_size}
+        logger.log(step + 1, metrics, wall_offset)
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval=f"{last_eval.get('eval/score', float('nan')):.3f}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            last_eval = run_eval(step + 1)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            checkpoint(step + 1)
+    logger.close()
+    print(f"done: {args.steps} iterations in {wall() / 60:.1f} min; eval/score {last_eval.get('eval/score', float('nan')):.3f}, "
+          f"eval/strict {last_eval.get('eval/strict', float('nan')):.3f}; run folder {run_dir}")
+    return last_eval
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
