@@ -43,7 +43,7 @@ class Args:
     """training prompts, one per line; unset: the shapes world's train split"""
     eval_prompts: str | None = None
     """held-out evaluation prompts, one per line; unset: the shapes world's eval split"""
-    steps: int = 80
+    steps: int = 120
     """training iterations (sample, score, update)"""
     prompts_per_step: int = 8
     """distinct prompts sampled per iteration"""
@@ -55,8 +55,8 @@ class Args:
     """ODE steps of evaluation (more than num_steps: the paper's denoising reduction)"""
     shift: float = 3.0
     """time shift of the sigma schedule (SD3.5's scheduler value)"""
-    guidance: float = 4.5
-    """classifier-free guidance scale, in sampling, training and evaluation"""
+    guidance: float = 1.0
+    """classifier-free guidance scale, in sampling, training and evaluation (1: no CFG, half the cost)"""
     resolution: int | None = None
     """image side in pixels (SD3 default 512); the shapes world is fixed at 32"""
     lr: float = 1e-4
@@ -65,15 +65,15 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
-    lora_rank: int = 32
-    """LoRA rank; 0 fine-tunes every weight of the denoiser"""
+    lora_rank: int = 0
+    """LoRA rank; 0 fine-tunes every weight of the denoiser (the reference is then a frozen copy)"""
     lora_alpha: float = 64.0
     """LoRA alpha (scale alpha / rank)"""
     ema_decay: float = 0.9
     """EMA of the trainable weights used for evaluation; 0 evaluates the live weights"""
     eval_every: int = 10
     """evaluate every this many iterations (and at the end)"""
-    eval_per_prompt: int = 4
+    eval_per_prompt: int = 8
     """evaluation images per held-out prompt (fixed noise)"""
     save_every: int = 10
     """checkpoint every this many iterations (and at the end)"""
@@ -103,7 +103,9 @@ class Args:
     global_std: bool = False
     """normalise advantages by the std of the whole batch instead of each group's"""
     timestep_fraction: float = 0.99
-    """fraction of sampling steps trained per iteration (a random subset; the last step is never trained)"""
+    """train the first int(num_steps * fraction) sampling steps (the last step is never trained)"""
+    same_noise: bool = False
+    """one initial noise x_1 per group (the reference's `same_latent`), so rewards differ only by the SDE's noise"""
     minibatches: int = 2
     """optimiser steps per iteration: the batch is split into this many minibatches"""
 
@@ -117,7 +119,8 @@ def sample_batch(policy, prompts: list[str], args: Args, gen: torch.Generator) -
     all_prompts = [p for p in prompts for _ in range(args.group_size)]
     cond = policy.encode(all_prompts)
     sigmas = sigma_schedule(args.num_steps, args.shift)
-    x = policy.noise(len(all_prompts), gen)
+    x = policy.noise(len(prompts), gen).repeat_interleave(args.group_size, 0) if args.same_noise \
+        else policy.noise(len(all_prompts), gen)
     out = rollout(policy, cond, x, sigmas, [args.noise_level] * args.num_steps, args.guidance, gen)
     return {"prompts": all_prompts, "groups": torch.arange(len(prompts)).repeat_interleave(args.group_size),
             "cond": cond, "latents": out.latents, "log_probs": out.log_probs, "sigmas": sigmas,
@@ -133,9 +136,9 @@ def compute_advantages(batch: dict, rewards: torch.Tensor, args: Args) -> torch.
 def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, args: Args, gen: torch.Generator) -> dict:
     """PPO-clipped policy gradient over the trained steps, one optimiser step per minibatch."""
     n = len(adv)
-    t_max = args.num_steps - 1  # the last step (sigma ~ 0.01 -> 0) is sampled but never trained
-    n_train = max(1, min(t_max, int(args.num_steps * args.timestep_fraction)))
-    steps = sorted(torch.randperm(t_max, generator=gen)[:n_train].tolist())
+    # the first int(T * fraction) steps, as the reference trains them; the last step (sigma ~ 0.01 -> 0)
+    # is sampled but never trained
+    steps = range(max(1, min(args.num_steps - 1, int(args.num_steps * args.timestep_fraction))))
     sig = batch["sigmas"]
     stats = {"loss/policy": 0.0, "loss/kl": 0.0, "train/clipfrac": 0.0, "train/ratio": 0.0, "train/skipped": 0}
     count = 0

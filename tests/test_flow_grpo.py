@@ -77,3 +77,53 @@ def test_bad_arguments_fail_clearly(tmp_path, args, message):
     proc = run("flow_grpo.py", *TINY[:-2], *args, "--out", str(tmp_path / "r"), check=False)
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
+def test_same_noise_shares_the_initial_state_within_groups(tiny_shapes_policy):
+    import torch
+
+    import flow_grpo
+
+    args = flow_grpo.Args(group_size=3, num_steps=2, same_noise=True)
+    batch = flow_grpo.sample_batch(tiny_shapes_policy, ["a circle", "two squares"], args, torch.Generator().manual_seed(0))
+    x1 = batch["latents"][:, 0]
+    assert torch.equal(x1[0], x1[2]) and not torch.equal(x1[0], x1[3])
+    assert not torch.equal(batch["latents"][0, -1], batch["latents"][1, -1])  # the SDE's noise still differs
+    assert batch["groups"].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_advantages_and_policy_loss_direction(tiny_shapes_policy):
+    """One update on a batch where one image per group is rewarded raises that image's log-prob."""
+    import torch
+
+    import flow_grpo
+    from common import sde_step
+
+    policy = tiny_shapes_policy
+    args = flow_grpo.Args(group_size=2, num_steps=3, minibatches=1, clip_range=10.0, lr=1e-3, guidance=1.0)
+    gen = torch.Generator().manual_seed(0)
+    batch = flow_grpo.sample_batch(policy, ["a circle", "a square"], args, gen)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    adv = flow_grpo.compute_advantages(batch, rewards, args)
+    assert torch.allclose(adv, torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-3)
+    state = {n: p.detach().clone() for n, p in policy.denoiser.named_parameters()}
+    policy.add_lora(0, 0, [])
+    opt = torch.optim.SGD(policy.trainable_parameters(), lr=args.lr)
+    def surrogate():  # sum over samples and trained steps of A_i * log pi(x_{j+1} | x_j)
+        total = 0.0
+        with torch.no_grad():
+            for j in range(2):  # int(3 * 0.99) = 2 trained steps
+                x, x_next, sig = batch["latents"][:, j], batch["latents"][:, j + 1], batch["sigmas"]
+                lp = sde_step(x, policy.velocity(x, sig[j], batch["cond"], 1.0), sig[j], sig[j + 1],
+                              args.noise_level, prev_sample=x_next).log_prob
+                total += (adv * lp).sum().item()
+        return total
+
+    try:
+        before = surrogate()
+        flow_grpo.train_on_batch(policy, opt, batch, adv, args, gen)
+        assert surrogate() > before
+    finally:
+        policy.denoiser.requires_grad_(False)
+        policy.frozen_copy = None
+        policy.denoiser.load_state_dict(state)
