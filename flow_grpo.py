@@ -43,7 +43,7 @@ class Args:
     """training prompts, one per line; unset: the shapes world's train split"""
     eval_prompts: str | None = None
     """held-out evaluation prompts, one per line; unset: the shapes world's eval split"""
-    steps: int = 120
+    steps: int = 100
     """training iterations (sample, score, update)"""
     prompts_per_step: int = 8
     """distinct prompts sampled per iteration"""
@@ -96,8 +96,8 @@ class Args:
     """a in sigma_t = a sqrt(t / (1 - t)): the SDE's noise level"""
     clip_range: float = 1e-3
     """PPO clip epsilon on the per-step ratio (the paper: 1e-4 on SD3.5-M)"""
-    beta: float = 0.0
-    """KL(pi_theta || pi_ref) coefficient (the paper: 0.04 on SD3.5-M)"""
+    beta: float = 0.04
+    """KL(pi_theta || pi_ref) coefficient (the paper's 0.04)"""
     adv_clip: float = 5.0
     """advantages are clipped to [-adv_clip, adv_clip]"""
     global_std: bool = False

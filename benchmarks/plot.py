@@ -18,22 +18,25 @@ import tyro  # noqa: E402
 
 @dataclass
 class Args:
-    runs: list[Path]
-    """run folders holding metrics.jsonl"""
+    runs: tyro.conf.Positional[list[Path]]
+    """run folders holding metrics.jsonl, or metrics .jsonl files"""
     out: Path = Path("curve.png")
     """where the PNG goes"""
     labels: list[str] = field(default_factory=list)
     """one label per run (default: the folder names)"""
     title: str = ""
     """figure title"""
+    smooth: int = 10
+    """moving-average window (iterations) of the training reward"""
 
 
 def load(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    path = run / "metrics.jsonl" if run.is_dir() else run
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def main(args: Args) -> None:
-    labels = args.labels or [r.name for r in args.runs]
+    labels = args.labels or [r.stem for r in args.runs]
     fig, (ax_eval, ax_rew) = plt.subplots(1, 2, figsize=(11, 4))
     for run, label in zip(args.runs, labels):
         recs = load(run)
@@ -42,13 +45,16 @@ def main(args: Args) -> None:
         line = ax_eval.plot([r["wall_time"] / 60 for r in ev], [r["eval/score"] for r in ev], "o-", label=label)[0]
         ax_eval.plot([r["wall_time"] / 60 for r in ev], [r["eval/strict"] for r in ev], "s--", color=line.get_color(),
                      alpha=0.6, label=f"{label} (strict)")
-        ax_rew.plot([r["wall_time"] / 60 for r in tr], [r["reward/mean"] for r in tr], color=line.get_color(),
-                    alpha=0.8, label=label)
+        rew = [r["reward/mean"] for r in tr]
+        smooth = [sum(rew[max(0, i - args.smooth + 1):i + 1]) / len(rew[max(0, i - args.smooth + 1):i + 1])
+                  for i in range(len(rew))]
+        ax_rew.plot([r["wall_time"] / 60 for r in tr], smooth, color=line.get_color(), alpha=0.8, label=label)
     ax_eval.set(xlabel="wall-clock minutes", ylabel="eval score (held-out prompts, ODE)", title="evaluation")
-    ax_rew.set(xlabel="wall-clock minutes", ylabel="training reward (SDE samples)", title="training reward")
+    ax_rew.set(xlabel="wall-clock minutes", ylabel="training reward (SDE samples)",
+               title=f"training reward, mean of the last {args.smooth} iterations")
     for ax in (ax_eval, ax_rew):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     if args.title:
         fig.suptitle(args.title)
     fig.tight_layout()

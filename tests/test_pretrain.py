@@ -1,0 +1,41 @@
+"""pretrain.py is seeded and reproducible, and its output loads as the shapes policy."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pretrain(out):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), "--steps", "3", "--batch-size", "8",
+                           "--eval-steps", "2", "--threads", "1", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_pretrain_is_reproducible_and_loads(tmp_path):
+    out = pretrain(tmp_path / "a")
+    assert "eval/strict/counting" in out and (tmp_path / "a" / "samples.png").is_file()
+    pretrain(tmp_path / "b")
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(tmp_path / "a" / part), load_file(tmp_path / "b" / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    from common import load_shapes_base, shapes_policy
+
+    policy = shapes_policy(*load_shapes_base(tmp_path / "a"), torch.device("cpu"))
+    x = policy.noise(2)
+    assert policy.velocity(x, 0.5, policy.encode(["a circle", "two squares"]), 4.5).shape == x.shape
+
+
+def test_shipped_base_is_present_and_small():
+    base = ROOT / "assets" / "shapes_base"
+    size = sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
+    assert (base / "unet" / "diffusion_pytorch_model.safetensors").is_file() and size < 10 * 2**20
