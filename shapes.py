@@ -311,19 +311,24 @@ def _byte_alphabet() -> list[str]:
     return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
 
 
-def build_tokenizer():
-    """A CLIP tokenizer for the shapes grammar, built offline: BPE merges learned on every prompt, then laid
-    out as CLIP's vocabulary is (bytes, bytes + '</w>', merges, start and end tokens)."""
+def build_clip_tokenizer(corpus: list[str], vocab_size: int, max_length: int):
+    """A CLIP tokenizer built offline: BPE merges learned on `corpus`, then laid out as CLIP's vocabulary
+    is (bytes, bytes + '</w>', merges, start and end tokens)."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
-    corpus = [p for ps in all_prompts().values() for p in ps]
-    trained = CLIPTokenizer().train_new_from_iterator(corpus, vocab_size=600, initial_alphabet=ByteLevel.alphabet())
+    trained = CLIPTokenizer().train_new_from_iterator(corpus, vocab_size=vocab_size,
+                                                      initial_alphabet=ByteLevel.alphabet())
     merges = [tuple(m) for m in json.loads(trained.backend_tokenizer.to_str())["model"]["merges"]]
     chars = _byte_alphabet()
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(vocab))}, merges=merges,
-                         model_max_length=MAX_TOKENS)
+                         model_max_length=max_length)
+
+
+def build_tokenizer():
+    """The shapes world's tokenizer: merges learned on every prompt of the grammar."""
+    return build_clip_tokenizer([p for ps in all_prompts().values() for p in ps], 600, MAX_TOKENS)
 
 
 def build_text_encoder(vocab_size: int, bos: int, eos: int, pad: int):

@@ -11,19 +11,9 @@ WORDS = "a an the photo of red green blue yellow circle circles square squares t
 
 
 def clip_tokenizer():
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
+    from shapes import build_clip_tokenizer
 
-    import json
-
-    from shapes import _byte_alphabet
-
-    trained = CLIPTokenizer().train_new_from_iterator([" ".join(WORDS)] * 4, vocab_size=400,
-                                                      initial_alphabet=ByteLevel.alphabet())
-    merges = [tuple(m) for m in json.loads(trained.backend_tokenizer.to_str())["model"]["merges"]]
-    chars = _byte_alphabet()
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(vocab))}, merges=merges, model_max_length=77)
+    return build_clip_tokenizer([" ".join(WORDS)] * 4, 400, 77)
 
 
 def t5_tokenizer():
