@@ -361,6 +361,28 @@ def lora_targets(policy: Policy) -> list[str]:
     return SHAPES_LORA_TARGETS if policy.backend == "shapes" else SD3_LORA_TARGETS
 
 
+@contextlib.contextmanager
+def swapped_params(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
+    """Temporarily load `values` into `params` (e.g. EMA weights), restoring the live weights after."""
+    live = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, live):
+                p.copy_(v)
+
+
+@torch.no_grad()
+def ema_update(shadow: list[torch.Tensor], params: list[torch.nn.Parameter], decay: float) -> None:
+    """shadow <- decay * shadow + (1 - decay) * params."""
+    for s, p in zip(shadow, params):
+        s.lerp_(p.detach(), 1 - decay)
+
+
 class EMA:
     """Exponential moving average of the trainable parameters, swapped in for evaluation."""
 
@@ -368,23 +390,11 @@ class EMA:
         self.params, self.decay = params, decay
         self.shadow = [p.detach().clone() for p in params]
 
-    @torch.no_grad()
     def update(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1 - self.decay)
+        ema_update(self.shadow, self.params, self.decay)
 
-    @contextlib.contextmanager
     def swapped_in(self):
-        live = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, s in zip(self.params, live):
-                    p.copy_(s)
+        return swapped_params(self.params, self.shadow)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -133,7 +133,13 @@ def compute_advantages(batch: dict, rewards: torch.Tensor, args: Args) -> torch.
     return adv.clamp(-args.adv_clip, args.adv_clip)
 
 
-def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, args: Args, gen: torch.Generator) -> dict:
+def init_state(policy, args: Args) -> dict:
+    """Algorithm state carried across iterations and saved in checkpoints: Flow-GRPO needs none."""
+    return {}
+
+
+def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, args: Args,
+                   gen: torch.Generator) -> dict:
     """PPO-clipped policy gradient over the trained steps, one optimiser step per minibatch."""
     n = len(adv)
     # the first int(T * fraction) steps, as the reference trains them; the last step (sigma ~ 0.01 -> 0)
@@ -203,6 +209,7 @@ def main(args: Args) -> dict:
     print(f"{policy.backend} on {device}: {sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.2f}M trainable "
           f"parameters; {args.prompts_per_step} prompts x {args.group_size} images per iteration")
     ema = EMA(policy.trainable_parameters(), args.ema_decay)
+    state = init_state(policy, args)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     cpu_gen = torch.Generator().manual_seed(args.seed)
     prompt_rng = random.Random(args.seed)
@@ -214,6 +221,7 @@ def main(args: Args) -> dict:
         policy.load_trainable_state(ckpt["trainable"])
         opt.load_state_dict(ckpt["optimizer"])
         ema.shadow = ckpt["ema"]
+        state = ckpt["state"]
         gen.set_state(ckpt["gen"])
         cpu_gen.set_state(ckpt["cpu_gen"])
         prompt_rng.setstate(ckpt["prompt_rng"])
@@ -237,7 +245,7 @@ def main(args: Args) -> dict:
 
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir / "checkpoint.pt", {
-            "trainable": policy.trainable_state(), "optimizer": opt.state_dict(), "ema": ema.shadow,
+            "trainable": policy.trainable_state(), "optimizer": opt.state_dict(), "ema": ema.shadow, "state": state,
             "gen": gen.get_state(), "cpu_gen": cpu_gen.get_state(), "prompt_rng": prompt_rng.getstate(),
             "step": step, "wall_time": wall(), "args": asdict(args)})
 
@@ -252,7 +260,7 @@ def main(args: Args) -> dict:
         rewards, info = reward_fn(batch["images"], batch["prompts"])
         adv = compute_advantages(batch, rewards, args)
         t2 = time.time()
-        stats = train_on_batch(policy, opt, batch, adv, args, cpu_gen)
+        stats = train_on_batch(policy, opt, batch, adv, state, args, cpu_gen)
         ema.update()
         t3 = time.time()
         metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),

@@ -37,22 +37,26 @@ def load(run: Path) -> list[dict]:
 
 def main(args: Args) -> None:
     labels = args.labels or [r.stem for r in args.runs]
-    fig, (ax_eval, ax_rew) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_eval, ax_samples, ax_rew) = plt.subplots(1, 3, figsize=(16, 4))
     for run, label in zip(args.runs, labels):
         recs = load(run)
         ev = [r for r in recs if "eval/score" in r]
         tr = [r for r in recs if "reward/mean" in r]
+        samples = {0: 0, **{r["step"]: r["samples"] for r in tr}}
         line = ax_eval.plot([r["wall_time"] / 60 for r in ev], [r["eval/score"] for r in ev], "o-", label=label)[0]
         ax_eval.plot([r["wall_time"] / 60 for r in ev], [r["eval/strict"] for r in ev], "s--", color=line.get_color(),
                      alpha=0.6, label=f"{label} (strict)")
+        ax_samples.plot([samples[r["step"]] for r in ev], [r["eval/score"] for r in ev], "o-", color=line.get_color(),
+                        label=label)
         rew = [r["reward/mean"] for r in tr]
         smooth = [sum(rew[max(0, i - args.smooth + 1):i + 1]) / len(rew[max(0, i - args.smooth + 1):i + 1])
                   for i in range(len(rew))]
         ax_rew.plot([r["wall_time"] / 60 for r in tr], smooth, color=line.get_color(), alpha=0.8, label=label)
     ax_eval.set(xlabel="wall-clock minutes", ylabel="eval score (held-out prompts, ODE)", title="evaluation")
-    ax_rew.set(xlabel="wall-clock minutes", ylabel="training reward (SDE samples)",
+    ax_samples.set(xlabel="generated training images", ylabel="eval score", title="evaluation against samples")
+    ax_rew.set(xlabel="wall-clock minutes", ylabel="training reward (rollout samples)",
                title=f"training reward, mean of the last {args.smooth} iterations")
-    for ax in (ax_eval, ax_rew):
+    for ax in (ax_eval, ax_samples, ax_rew):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if args.title:

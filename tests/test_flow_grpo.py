@@ -121,7 +121,7 @@ def test_advantages_and_policy_loss_direction(tiny_shapes_policy):
 
     try:
         before = surrogate()
-        flow_grpo.train_on_batch(policy, opt, batch, adv, args, gen)
+        flow_grpo.train_on_batch(policy, opt, batch, adv, {}, args, gen)
         assert surrogate() > before
     finally:
         policy.denoiser.requires_grad_(False)

@@ -1,0 +1,325 @@
+"""Advantage Weighted Matching (Xue et al., 2025, arXiv 2509.25050): RL with the pre-training loss.
+
+Flow-GRPO's per-step Gaussian likelihood is, up to discretisation, denoising score matching with a
+*noisy* target (x_{t-dt} instead of x0): same minimiser, more variance. AWM drops likelihoods and ratios
+and trains with the flow-matching loss the model was pre-trained with, on its own final samples x0,
+re-noised, with each sample's loss weighted by its advantage:
+
+    x_t = (1 - t) x0 + t eps,   L_i(t) = w(t, ||v_theta(x_t, t | c) - (eps - x0)||^2)
+    loss = mean_{i,t} A_i L_i(t) + beta ||v_theta - v_ref||^2 + beta_ema ||v_theta - v_ema||^2
+
+With every A_i = 1 this is exactly pre-training on the model's own samples; with advantages it raises
+the likelihood of good samples and lowers that of bad ones (reward-weighted regression for flows).
+See docs/awm.md for every implementation detail.
+
+    python awm.py                             # the embedded shapes world, on the CPU in minutes
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+
+from common import (EMA, Logger, ema_update, evaluate, flow_matching_loss, group_advantages, index_cond,
+                    load_checkpoint, load_policy, load_prompts, lora_targets, new_run_dir, pick_device, rollout,
+                    save_checkpoint, save_grid, seed_everything, sigma_schedule, swapped_params)
+from rewards import make_reward
+
+
+@dataclass
+class Args:
+    # ---- shared by every script (TRY NOT TO MODIFY: the same text in all five) ----
+    model: str | None = None
+    """diffusers SD3 model (hub id or local folder); unset: the embedded shapes base, no download"""
+    reward: str = "shapes"
+    """reward name, or a weighted sum such as 'shapes:1.0,jpeg_compressibility:0.1'"""
+    prompts: str | None = None
+    """training prompts, one per line; unset: the shapes world's train split"""
+    eval_prompts: str | None = None
+    """held-out evaluation prompts, one per line; unset: the shapes world's eval split"""
+    steps: int = 100
+    """training iterations (sample, score, update)"""
+    prompts_per_step: int = 8
+    """distinct prompts sampled per iteration"""
+    group_size: int = 8
+    """images per prompt (G); the group's rewards give each image its advantage"""
+    num_steps: int = 10
+    """sampling steps of training rollouts"""
+    eval_num_steps: int = 20
+    """ODE steps of evaluation (more than num_steps: the paper's denoising reduction)"""
+    shift: float = 3.0
+    """time shift of the sigma schedule (SD3.5's scheduler value)"""
+    guidance: float = 1.0
+    """classifier-free guidance scale, in sampling, training and evaluation (1: no CFG, half the cost)"""
+    resolution: int | None = None
+    """image side in pixels (SD3 default 512); the shapes world is fixed at 32"""
+    lr: float = 1e-4
+    """AdamW learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    lora_rank: int = 0
+    """LoRA rank; 0 fine-tunes every weight of the denoiser (the reference is then a frozen copy)"""
+    lora_alpha: float = 64.0
+    """LoRA alpha (scale alpha / rank)"""
+    ema_decay: float = 0.9
+    """EMA of the trainable weights used for evaluation; 0 evaluates the live weights"""
+    eval_every: int = 10
+    """evaluate every this many iterations (and at the end)"""
+    eval_per_prompt: int = 8
+    """evaluation images per held-out prompt (fixed noise)"""
+    save_every: int = 10
+    """checkpoint every this many iterations (and at the end)"""
+    seed: int = 0
+    """seed of prompts, noise and initial adapter weights"""
+    device: str = "auto"
+    """'auto' (CUDA if present), 'cpu' or 'cuda'"""
+    mixed_precision: str = "bf16"
+    """weights' dtype on CUDA: bf16, fp16 or fp32 (log-probs are always float32)"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    out: str | None = None
+    """run folder; unset: runs/<script>-<date>"""
+    resume: str | None = None
+    """run folder (or checkpoint file) to continue from"""
+    track: bool = False
+    """also log to Weights & Biases"""
+    # ---- AWM ----
+    noise_level: float = 0.0
+    """SDE noise level a inside [sde_min, sde_max] (0: ODE sampling everywhere)"""
+    sde_min: float = 0.3
+    """lower end of the sigma window where sampling is stochastic (the reference's 0.3)"""
+    sde_max: float = 0.9
+    """upper end of the sigma window where sampling is stochastic (the reference's 0.9)"""
+    train_timesteps: int = 6
+    """K timesteps per sample, one drawn in each of K strata of the sampler's steps (t = 1 excluded)"""
+    timestep_fraction: float = 0.9
+    """timesteps are drawn from sampler steps 1 ... int(num_steps * fraction) - 1"""
+    weighting: Literal["ghuber", "mse"] = "ghuber"
+    """per-sample loss: 'ghuber' t * ((mse + 1e-10)^p - 1e-10^p) / p (the reference), or 'mse'"""
+    ghuber_power: float = 0.25
+    """p of the 'ghuber' weighting"""
+    beta: float = 0.001
+    """coefficient of ||v_theta - v_ref||^2 (the reference's GenEval value)"""
+    ema_kl_beta: float = 1.0
+    """coefficient of ||v_theta - v_ema||^2 to a lagging copy of the policy (a proximal anchor)"""
+    ema_kl_decay: float = 0.3
+    """the anchor's decay grows as min(ema_kl_decay, ema_kl_rate * update)"""
+    ema_kl_rate: float = 0.001
+    """growth of the anchor's decay per optimiser update"""
+    adv_clip: float = 5.0
+    """advantages are clipped to [-adv_clip, adv_clip], then divided by adv_clip"""
+    global_std: bool = True
+    """normalise advantages by the std of the whole batch (the reference) instead of each group's"""
+    minibatches: int = 2
+    """optimiser steps per iteration: the batch is split into this many minibatches"""
+
+# ------------------------------------------------------------------------------------------------
+# AWM: sampling, advantages, update
+# ------------------------------------------------------------------------------------------------
+def noise_levels(sigmas: torch.Tensor, args: Args) -> list[float]:
+    """a on the steps whose sigma lies in [sde_min, sde_max], 0 (the ODE) elsewhere."""
+    return [args.noise_level if args.sde_min <= float(s) <= args.sde_max else 0.0 for s in sigmas[:-1]]
+
+
+@torch.no_grad()
+def sample_batch(policy, prompts: list[str], args: Args, gen: torch.Generator) -> dict:
+    """G images per prompt (ODE, or SDE inside the window); only the final x0 is used for training."""
+    all_prompts = [p for p in prompts for _ in range(args.group_size)]
+    cond = policy.encode(all_prompts)
+    sigmas = sigma_schedule(args.num_steps, args.shift)
+    out = rollout(policy, cond, policy.noise(len(all_prompts), gen), sigmas, noise_levels(sigmas, args),
+                  args.guidance, gen)
+    x0 = out.latents[:, -1]
+    return {"prompts": all_prompts, "groups": torch.arange(len(prompts)).repeat_interleave(args.group_size),
+            "cond": cond, "x0": x0, "sigmas": sigmas, "images": policy.decode(x0)}
+
+
+def compute_advantages(batch: dict, rewards: torch.Tensor, args: Args) -> torch.Tensor:
+    """Per-prompt mean, batch std (the reference), clipped to +-adv_clip and scaled into [-1, 1]."""
+    adv = group_advantages(rewards, batch["groups"], global_std=args.global_std)
+    return adv.clamp(-args.adv_clip, args.adv_clip) / args.adv_clip
+
+
+def init_state(policy, args: Args) -> dict:
+    """The proximal anchor v_ema (a lagging copy of the trainable weights) and the update count."""
+    return {"anchor": [p.detach().clone() for p in policy.trainable_parameters()], "updates": 0}
+
+
+def train_timesteps(sigmas: torch.Tensor, args: Args, gen: torch.Generator) -> torch.Tensor:
+    """K sigmas, one sampler step drawn uniformly in each of K strata of steps 1 ... int(T * fraction) - 1."""
+    hi = int(args.num_steps * args.timestep_fraction)
+    bounds = torch.linspace(1, hi, args.train_timesteps + 1).long()
+    idx = [int(torch.randint(int(a), max(int(a) + 1, int(b)), (1,), generator=gen)) for a, b in zip(bounds, bounds[1:])]
+    return sigmas[idx]
+
+
+def weighted_error(mse: torch.Tensor, t: torch.Tensor, args: Args) -> torch.Tensor:
+    """L_i(t): plain MSE, or the reference's 'ghuber' t * ((mse + 1e-10)^p - 1e-10^p) / p, whose gradient
+    t * mse^(p-1) * grad(mse) normalises each sample's error."""
+    if args.weighting == "mse":
+        return mse
+    p = args.ghuber_power
+    return t * ((mse + 1e-10) ** p - 1e-10**p) / p
+
+
+def awm_loss(policy, cond: dict, x0: torch.Tensor, adv: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+             args: Args) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean_i A_i L_i(t) on x_t = (1 - t) x0 + t eps: the flow-matching pre-training loss, re-weighted by the
+    advantage (A = 1 everywhere is pre-training on the model's own samples). The reference writes this as a
+    PPO ratio exp(-L + L.detach()), which is 1 on-policy; its gradient is the same. Returns (loss, v_theta)."""
+    v = policy.velocity((1 - t) * x0 + t * noise, t, cond, args.guidance)
+    return (adv * weighted_error(flow_matching_loss(v, x0, noise), t, args)).mean(), v
+
+
+def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, args: Args,
+                   gen: torch.Generator) -> dict:
+    """AWM update over K stratified timesteps, one optimiser step per minibatch; the anchor follows after."""
+    params = policy.trainable_parameters()
+    stats = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/kl_ema": 0.0, "train/skipped": 0}
+    count = 0
+    for mb in torch.randperm(len(adv), generator=gen).chunk(args.minibatches):
+        cond, a, x0 = index_cond(batch["cond"], mb), adv[mb].to(policy.device), batch["x0"][mb]
+        ts = train_timesteps(batch["sigmas"], args, gen)
+        opt.zero_grad(set_to_none=True)
+        for t in ts:
+            noise = torch.randn(x0.shape, generator=gen).to(x0.device)  # fresh eps per (sample, t)
+            x_t = (1 - t) * x0 + t * noise
+            with torch.no_grad():  # the same x_t for v_theta, v_ref and v_ema (before any graph is built)
+                if args.beta > 0:
+                    with policy.reference():
+                        v_ref = policy.velocity(x_t, t, cond, args.guidance)
+                if args.ema_kl_beta > 0:
+                    with swapped_params(params, state["anchor"]):
+                        v_ema = policy.velocity(x_t, t, cond, args.guidance)
+            policy_loss, v = awm_loss(policy, cond, x0, a, t, noise, args)
+            kl = ((v - v_ref) ** 2).mean() if args.beta > 0 else torch.zeros(())
+            kl_ema = ((v - v_ema) ** 2).mean() if args.ema_kl_beta > 0 else torch.zeros(())
+            loss = (policy_loss + args.beta * kl + args.ema_kl_beta * kl_ema) / len(ts)
+            if not torch.isfinite(loss):
+                stats["train/skipped"] += 1
+                continue
+            policy.backward(loss)
+            stats["loss/policy"] += policy_loss.item()
+            stats["loss/kl"] += kl.item()
+            stats["loss/kl_ema"] += kl_ema.item()
+            count += 1
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        opt.step()
+        state["updates"] += 1
+        ema_update(state["anchor"], params, min(args.ema_kl_decay, args.ema_kl_rate * state["updates"]))
+    return {k: (v / max(count, 1) if k != "train/skipped" else v) for k, v in stats.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop (TRY NOT TO MODIFY: the same text in all five scripts)
+# ------------------------------------------------------------------------------------------------
+def check_args(args: Args) -> None:
+    if args.group_size < 2:
+        raise SystemExit(f"--group-size {args.group_size}: a group needs at least 2 images to have an advantage")
+    if args.prompts_per_step < 1 or args.steps < 0 or args.num_steps < 2:
+        raise SystemExit("--prompts-per-step >= 1, --steps >= 0 and --num-steps >= 2 are required")
+    if args.minibatches < 1 or args.minibatches > args.prompts_per_step * args.group_size:
+        raise SystemExit(f"--minibatches must be between 1 and the batch size ({args.prompts_per_step * args.group_size})")
+
+
+def main(args: Args) -> dict:
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    try:
+        reward_fn = make_reward(args.reward)
+    except ValueError as e:
+        raise SystemExit(f"--reward: {e}") from None
+    train_prompts = load_prompts(args.prompts, "train")
+    eval_prompts = load_prompts(args.eval_prompts, "eval")
+    policy = load_policy(args.model, device, args.mixed_precision, args.resolution)
+    policy.add_lora(args.lora_rank, args.lora_alpha, lora_targets(policy))
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    print(f"{policy.backend} on {device}: {sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.2f}M trainable "
+          f"parameters; {args.prompts_per_step} prompts x {args.group_size} images per iteration")
+    ema = EMA(policy.trainable_parameters(), args.ema_decay)
+    state = init_state(policy, args)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    cpu_gen = torch.Generator().manual_seed(args.seed)
+    prompt_rng = random.Random(args.seed)
+    start, wall_offset = 0, 0.0
+    run_dir = Path(args.resume) if args.resume else new_run_dir(args.out, Path(__file__).stem)
+    if args.resume:
+        ckpt = load_checkpoint(run_dir / "checkpoint.pt" if run_dir.is_dir() else run_dir)
+        run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+        policy.load_trainable_state(ckpt["trainable"])
+        opt.load_state_dict(ckpt["optimizer"])
+        ema.shadow = ckpt["ema"]
+        state = ckpt["state"]
+        gen.set_state(ckpt["gen"])
+        cpu_gen.set_state(ckpt["cpu_gen"])
+        prompt_rng.setstate(ckpt["prompt_rng"])
+        start, wall_offset = ckpt["step"], ckpt["wall_time"]
+        print(f"resumed {run_dir} at iteration {start}")
+    logger = Logger(run_dir, asdict(args), args.track)
+    t_start = time.time()
+
+    def wall() -> float:
+        return time.time() - t_start + wall_offset
+
+    def run_eval(step: int) -> dict:
+        t0 = time.time()
+        with ema.swapped_in():  # decay 0: the shadow is the live weights
+            metrics, images = evaluate(policy, eval_prompts, reward_fn, args.eval_per_prompt, args.eval_num_steps,
+                                       args.shift, args.guidance, seed=args.seed + 10_000)
+        save_grid(images, run_dir / f"eval_{step:05d}.png", nrow=8, scale=4 if policy.backend == "shapes" else 1)
+        metrics["time/eval"] = time.time() - t0
+        logger.log(step, metrics, wall_offset)
+        return metrics
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir / "checkpoint.pt", {
+            "trainable": policy.trainable_state(), "optimizer": opt.state_dict(), "ema": ema.shadow, "state": state,
+            "gen": gen.get_state(), "cpu_gen": cpu_gen.get_state(), "prompt_rng": prompt_rng.getstate(),
+            "step": step, "wall_time": wall(), "args": asdict(args)})
+
+    last_eval = run_eval(start) if start == 0 else {}
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=Path(__file__).stem)
+    for step in bar:
+        policy.clock.update(forward=0.0, backward=0.0)
+        t0 = time.time()
+        prompts = prompt_rng.choices(train_prompts, k=args.prompts_per_step)
+        batch = sample_batch(policy, prompts, args, gen)
+        t1 = time.time()
+        rewards, info = reward_fn(batch["images"], batch["prompts"])
+        adv = compute_advantages(batch, rewards, args)
+        t2 = time.time()
+        stats = train_on_batch(policy, opt, batch, adv, state, args, cpu_gen)
+        ema.update()
+        t3 = time.time()
+        metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+                   **{f"reward/{k}": v.nanmean().item() for k, v in info.items() if not v.isnan().all()},
+                   "adv/abs_mean": adv.abs().mean().item(), **stats,
+                   "time/sample": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
+                   "time/forward": policy.clock["forward"], "time/backward": policy.clock["backward"],
+                   "samples": (step + 1) * args.prompts_per_step * args.group_size}
+        logger.log(step + 1, metrics, wall_offset)
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval=f"{last_eval.get('eval/score', float('nan')):.3f}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            last_eval = run_eval(step + 1)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            checkpoint(step + 1)
+    logger.close()
+    print(f"done: {args.steps} iterations in {wall() / 60:.1f} min; eval/score {last_eval.get('eval/score', float('nan')):.3f}, "
+          f"eval/strict {last_eval.get('eval/strict', float('nan')):.3f}; run folder {run_dir}")
+    return last_eval
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
