@@ -128,7 +128,8 @@ def rollout(policy, cond, x, sigmas, noise_levels, guidance: float, generator=No
         x = step.sample
         latents.append(x)
         log_probs.append(step.log_prob if step.log_prob is not None else torch.zeros(len(x), device=x.device))
-    return Rollout(torch.stack(latents, 1), torch.stack(log_probs, 1))
+    log_probs = torch.stack(log_probs, 1) if log_probs else torch.zeros(len(x), 0, device=x.device)  # no steps
+    return Rollout(torch.stack(latents, 1), log_probs)
 
 
 def flow_matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -114,7 +114,7 @@ class Args:
 # Flow-GRPO: sampling, advantages, update
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_batch(policy, prompts: list[str], args: Args, gen: torch.Generator) -> dict:
+def sample_batch(policy, prompts: list[str], state: dict, args: Args, gen: torch.Generator) -> dict:
     """G images per prompt with the SDE on every step; keeps every state and per-step log-prob."""
     all_prompts = [p for p in prompts for _ in range(args.group_size)]
     cond = policy.encode(all_prompts)
@@ -127,7 +127,7 @@ def sample_batch(policy, prompts: list[str], args: Args, gen: torch.Generator) -
             "images": policy.decode(out.latents[:, -1])}
 
 
-def compute_advantages(batch: dict, rewards: torch.Tensor, args: Args) -> torch.Tensor:
+def compute_advantages(batch: dict, rewards: torch.Tensor, info: dict, args: Args) -> torch.Tensor:
     """GRPO: per-prompt z-score, clipped."""
     adv = group_advantages(rewards, batch["groups"], global_std=args.global_std)
     return adv.clamp(-args.adv_clip, args.adv_clip)
@@ -213,7 +213,7 @@ def main(args: Args) -> dict:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     cpu_gen = torch.Generator().manual_seed(args.seed)
     prompt_rng = random.Random(args.seed)
-    start, wall_offset = 0, 0.0
+    start, wall_offset, samples = 0, 0.0, 0
     run_dir = Path(args.resume) if args.resume else new_run_dir(args.out, Path(__file__).stem)
     if args.resume:
         ckpt = load_checkpoint(run_dir / "checkpoint.pt" if run_dir.is_dir() else run_dir)
@@ -225,7 +225,7 @@ def main(args: Args) -> dict:
         gen.set_state(ckpt["gen"])
         cpu_gen.set_state(ckpt["cpu_gen"])
         prompt_rng.setstate(ckpt["prompt_rng"])
-        start, wall_offset = ckpt["step"], ckpt["wall_time"]
+        start, wall_offset, samples = ckpt["step"], ckpt["wall_time"], ckpt["samples"]
         print(f"resumed {run_dir} at iteration {start}")
     logger = Logger(run_dir, asdict(args), args.track)
     t_start = time.time()
@@ -247,7 +247,7 @@ def main(args: Args) -> dict:
         save_checkpoint(run_dir / "checkpoint.pt", {
             "trainable": policy.trainable_state(), "optimizer": opt.state_dict(), "ema": ema.shadow, "state": state,
             "gen": gen.get_state(), "cpu_gen": cpu_gen.get_state(), "prompt_rng": prompt_rng.getstate(),
-            "step": step, "wall_time": wall(), "args": asdict(args)})
+            "step": step, "wall_time": wall(), "samples": samples, "args": asdict(args)})
 
     last_eval = run_eval(start) if start == 0 else {}
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=Path(__file__).stem)
@@ -255,20 +255,21 @@ def main(args: Args) -> dict:
         policy.clock.update(forward=0.0, backward=0.0)
         t0 = time.time()
         prompts = prompt_rng.choices(train_prompts, k=args.prompts_per_step)
-        batch = sample_batch(policy, prompts, args, gen)
+        batch = sample_batch(policy, prompts, state, args, gen)
         t1 = time.time()
         rewards, info = reward_fn(batch["images"], batch["prompts"])
-        adv = compute_advantages(batch, rewards, args)
+        adv = compute_advantages(batch, rewards, info, args)
         t2 = time.time()
         stats = train_on_batch(policy, opt, batch, adv, state, args, cpu_gen)
         ema.update()
         t3 = time.time()
+        samples += len(rewards)  # images scored so far (more than prompts x group for the branching methods)
         metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
                    **{f"reward/{k}": v.nanmean().item() for k, v in info.items() if not v.isnan().all()},
                    "adv/abs_mean": adv.abs().mean().item(), **stats,
                    "time/sample": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
                    "time/forward": policy.clock["forward"], "time/backward": policy.clock["backward"],
-                   "samples": (step + 1) * args.prompts_per_step * args.group_size}
+                   "samples": samples}
         logger.log(step + 1, metrics, wall_offset)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval=f"{last_eval.get('eval/score', float('nan')):.3f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:

@@ -87,7 +87,7 @@ def test_sde_window_and_advantage_scaling():
     assert [lv > 0 for lv in levels] == [0.3 <= float(s) <= 0.9 for s in sig[:-1]]
     assert sum(lv > 0 for lv in levels) > 0 and levels[0] == 0
     batch = {"groups": torch.tensor([0, 0, 1, 1])}
-    adv = awm.compute_advantages(batch, torch.tensor([0.0, 1.0, 0.0, 100.0]), args)
+    adv = awm.compute_advantages(batch, torch.tensor([0.0, 1.0, 0.0, 100.0]), {}, args)
     assert adv.abs().max() <= 1 and math.isclose(float(adv[3]), -float(adv[2]), rel_tol=1e-5)
 
 

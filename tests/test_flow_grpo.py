@@ -85,7 +85,7 @@ def test_same_noise_shares_the_initial_state_within_groups(tiny_shapes_policy):
     import flow_grpo
 
     args = flow_grpo.Args(group_size=3, num_steps=2, same_noise=True)
-    batch = flow_grpo.sample_batch(tiny_shapes_policy, ["a circle", "two squares"], args, torch.Generator().manual_seed(0))
+    batch = flow_grpo.sample_batch(tiny_shapes_policy, ["a circle", "two squares"], {}, args, torch.Generator().manual_seed(0))
     x1 = batch["latents"][:, 0]
     assert torch.equal(x1[0], x1[2]) and not torch.equal(x1[0], x1[3])
     assert not torch.equal(batch["latents"][0, -1], batch["latents"][1, -1])  # the SDE's noise still differs
@@ -102,9 +102,9 @@ def test_advantages_and_policy_loss_direction(tiny_shapes_policy):
     policy = tiny_shapes_policy
     args = flow_grpo.Args(group_size=2, num_steps=3, minibatches=1, clip_range=10.0, lr=1e-3, guidance=1.0)
     gen = torch.Generator().manual_seed(0)
-    batch = flow_grpo.sample_batch(policy, ["a circle", "a square"], args, gen)
+    batch = flow_grpo.sample_batch(policy, ["a circle", "a square"], {}, args, gen)
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    adv = flow_grpo.compute_advantages(batch, rewards, args)
+    adv = flow_grpo.compute_advantages(batch, rewards, {}, args)
     assert torch.allclose(adv, torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-3)
     state = {n: p.detach().clone() for n, p in policy.denoiser.named_parameters()}
     policy.add_lora(0, 0, [])

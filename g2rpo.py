@@ -1,0 +1,336 @@
+"""G²RPO (Zhou et al., 2025, arXiv 2510.01982): Granular GRPO, step-aligned and multi-granularity advantages.
+
+Flow-GRPO injects noise on every step and credits the whole trajectory's reward to each of them. G²RPO
+samples one anchor ODE trajectory per prompt and, at each branching step k (the first half of denoising),
+lets G children take one SDE step from the shared anchor state x_k ("singular stochastic sampling"), so a
+child's reward measures step k alone. Each child is finished with the ODE at several granularities lambda
+(strides over the schedule) and the group-normalised advantages of all granularities are summed ("multi-
+granularity advantage integration"), so one advantage does not hinge on one solver's discretisation:
+
+    A_k^i = sum_lambda (R_k^{i,lambda} - mean_i R_k^lambda) / std_i R_k^lambda       over the G children of x_k
+    L     = mean_{i,k} max(-A_k^i rho_k^i, -A_k^i clip(rho_k^i, 1 - eps, 1 + eps))
+    rho_k^i = pi_theta(x_{k+1}^i | x_k, c) / pi_old(x_{k+1}^i | x_k, c)
+
+See docs/g2rpo.md for every implementation detail.
+
+    python g2rpo.py                           # the embedded shapes world, on the CPU in minutes
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import tyro
+from tqdm import tqdm
+
+from common import (EMA, Logger, index_cond, load_checkpoint, load_policy, load_prompts, lora_targets, new_run_dir,
+                    pick_device, rollout, save_checkpoint, save_grid, sde_step, seed_everything, sigma_schedule,
+                    evaluate)
+from rewards import make_reward
+
+
+@dataclass
+class Args:
+    # ---- shared by every script (TRY NOT TO MODIFY: the same text in all five) ----
+    model: str | None = None
+    """diffusers SD3 model (hub id or local folder); unset: the embedded shapes base, no download"""
+    reward: str = "shapes"
+    """reward name, or a weighted sum such as 'shapes:1.0,jpeg_compressibility:0.1'"""
+    prompts: str | None = None
+    """training prompts, one per line; unset: the shapes world's train split"""
+    eval_prompts: str | None = None
+    """held-out evaluation prompts, one per line; unset: the shapes world's eval split"""
+    steps: int = 100
+    """training iterations (sample, score, update)"""
+    prompts_per_step: int = 8
+    """distinct prompts sampled per iteration"""
+    group_size: int = 8
+    """images per prompt (G); the group's rewards give each image its advantage"""
+    num_steps: int = 10
+    """sampling steps of training rollouts"""
+    eval_num_steps: int = 20
+    """ODE steps of evaluation (more than num_steps: the paper's denoising reduction)"""
+    shift: float = 3.0
+    """time shift of the sigma schedule (SD3.5's scheduler value)"""
+    guidance: float = 1.0
+    """classifier-free guidance scale, in sampling, training and evaluation (1: no CFG, half the cost)"""
+    resolution: int | None = None
+    """image side in pixels (SD3 default 512); the shapes world is fixed at 32"""
+    lr: float = 1e-4
+    """AdamW learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    lora_rank: int = 0
+    """LoRA rank; 0 fine-tunes every weight of the denoiser (the reference is then a frozen copy)"""
+    lora_alpha: float = 64.0
+    """LoRA alpha (scale alpha / rank)"""
+    ema_decay: float = 0.9
+    """EMA of the trainable weights used for evaluation; 0 evaluates the live weights"""
+    eval_every: int = 10
+    """evaluate every this many iterations (and at the end)"""
+    eval_per_prompt: int = 8
+    """evaluation images per held-out prompt (fixed noise)"""
+    save_every: int = 10
+    """checkpoint every this many iterations (and at the end)"""
+    seed: int = 0
+    """seed of prompts, noise and initial adapter weights"""
+    device: str = "auto"
+    """'auto' (CUDA if present), 'cpu' or 'cuda'"""
+    mixed_precision: str = "bf16"
+    """weights' dtype on CUDA: bf16, fp16 or fp32 (log-probs are always float32)"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    out: str | None = None
+    """run folder; unset: runs/<script>-<date>"""
+    resume: str | None = None
+    """run folder (or checkpoint file) to continue from"""
+    track: bool = False
+    """also log to Weights & Biases"""
+    # ---- G²RPO ----
+    noise_level: float = 0.7
+    """a in sigma_t = a sqrt(t / (1 - t)): the noise of the one SDE step each child takes"""
+    clip_range: float = 1e-3
+    """PPO clip epsilon on the per-step ratio (the reference: 1e-4 on FLUX)"""
+    beta: float = 0.0
+    """KL(pi_theta || pi_ref) coefficient (the paper and the reference: none)"""
+    adv_clip: float = 5.0
+    """advantages are clipped to [-adv_clip, adv_clip]"""
+    branch_steps: tuple[int, ...] = ()
+    """the steps k that branch, 0 = the first (from noise); empty: the first half, 0 ... num_steps // 2 - 1 (paper)"""
+    granularities: tuple[int, ...] = (1, 2, 3)
+    """strides lambda of the children's ODE completions, one advantage each, summed (paper: {1, 2, 3}; code: {1, 2})"""
+    minibatches: int = 2
+    """optimiser steps per iteration: the branching steps, in order, are split into this many minibatches
+    (as many as branching steps: the reference's one step per k; 1: the paper's single objective)"""
+
+    def __post_init__(self):
+        ks, lams = self.branch_steps, self.granularities
+        if sorted(set(ks)) != list(ks) or any(not 0 <= k <= self.num_steps - 2 for k in ks):
+            raise SystemExit(f"--branch-steps {' '.join(map(str, ks))}: distinct increasing steps between 0 and "
+                             f"num_steps - 2 = {self.num_steps - 2} are required (the last step never branches)")
+        if not lams or len(set(lams)) != len(lams) or min(lams) < 1:
+            raise SystemExit(f"--granularities {' '.join(map(str, lams))}: distinct strides >= 1 are required")
+
+
+# ------------------------------------------------------------------------------------------------
+# G²RPO: sampling, advantages, update
+# ------------------------------------------------------------------------------------------------
+def noise_levels(k: int, args: Args) -> list[float]:
+    """A child's noise level per step: the SDE (a) on its branching step k, the ODE (0) everywhere else."""
+    return [args.noise_level if i == k else 0.0 for i in range(args.num_steps)]
+
+
+def branch_steps(args: Args) -> list[int]:
+    """The steps k that branch: --branch-steps, or the first half of denoising (the paper's M = {T, ..., T/2 + 1})."""
+    return list(args.branch_steps) or list(range(args.num_steps // 2))
+
+
+def granular_schedule(sigmas: torch.Tensor, k: int, lam: int) -> torch.Tensor:
+    """sigma[0 .. k+1] ++ sigma[k+2 :: lam], its last entry set to 0: after the SDE step k -> k+1, one base step
+    k+1 -> k+2, then strides of lam. The reference ends with the x0-prediction x - s v at the last point s it
+    evaluates, which is the Euler step from s to 0, so a stride that misses sigma = 0 jumps there from s."""
+    sched = torch.cat([sigmas[:k + 2], sigmas[k + 2::lam]])
+    sched[-1] = 0.0
+    return sched
+
+
+@torch.no_grad()
+def sample_batch(policy, prompts: list[str], state: dict, args: Args, gen: torch.Generator) -> dict:
+    """One anchor ODE trajectory per prompt from one initial noise x_1. At each branching step k its state x_k is
+    the shared parent of G children that take one SDE step there; each child is finished with the ODE at every
+    granularity lambda, one image each, all scoring step k alone.
+    Parents are ordered (k, prompt); children (parent, i); images (parent, i, lambda)."""
+    G, T = args.group_size, args.num_steps
+    sigmas = sigma_schedule(T, args.shift)
+    ks = branch_steps(args)
+    cond = policy.encode(prompts)
+    n = len(prompts)
+    main = rollout(policy, cond, policy.noise(n, gen), sigmas, [0.0] * T, args.guidance, gen)
+    kid = torch.arange(n).repeat_interleave(G)
+    nexts, log_probs, images = [], [], []
+    for k in ks:  # x_k shared by G children: SDE on step k, then the ODE at each granularity
+        out = rollout(policy, index_cond(cond, kid), main.latents[kid, k], sigmas[:k + 2], noise_levels(k, args),
+                      args.guidance, gen, start=k)
+        nexts.append(out.latents[:, 1].unflatten(0, (n, G)))
+        log_probs.append(out.log_probs[:, 0].view(n, G))
+        finals = [rollout(policy, index_cond(cond, kid), out.latents[:, 1], granular_schedule(sigmas, k, lam),
+                          [0.0] * T, args.guidance, start=k + 1).latents[:, -1] for lam in args.granularities]
+        images.append(policy.decode(torch.stack(finals, 1).flatten(0, 1)))
+    parent = torch.arange(n).repeat(len(ks))
+    image_prompt = kid.repeat_interleave(len(args.granularities)).repeat(len(ks))
+    return {"prompts": [prompts[i] for i in image_prompt.tolist()], "images": torch.cat(images), "cond": cond,
+            "prompt": parent, "steps": torch.tensor(ks).repeat_interleave(n),
+            "states": main.latents[:, ks].transpose(0, 1).flatten(0, 1), "next": torch.cat(nexts),
+            "log_probs": torch.cat(log_probs), "sigmas": sigmas}
+
+
+def compute_advantages(batch: dict, rewards: torch.Tensor, info: dict, args: Args) -> torch.Tensor:
+    """Multi-granularity advantage integration: per parent x_k and granularity lambda, the z-score of its G
+    children's rewards (unbiased std + 1e-8, as the reference), summed over lambda, clipped. In float64, so that
+    a granularity whose children scored alike adds exactly 0 (float32's mean of equal values can be off by a
+    rounding error, which + 1e-8 would blow up). (parents, children)."""
+    r = rewards.double().view(*batch["log_probs"].shape, len(args.granularities))
+    z = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-8)
+    return z.sum(2).float().clamp(-args.adv_clip, args.adv_clip)
+
+
+def init_state(policy, args: Args) -> dict:
+    """Algorithm state carried across iterations and saved in checkpoints: G²RPO needs none."""
+    return {}
+
+
+def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, args: Args,
+                   gen: torch.Generator) -> dict:
+    """PPO-clipped update of each child's one stochastic transition; one velocity evaluation per shared parent
+    state serves all its children. Parents whose children all have advantage 0 are skipped. One optimiser step
+    per minibatch of consecutive branching steps, in order of k (one per k: the reference)."""
+    sig, c = batch["sigmas"], adv.shape[1]
+    keep = adv.ne(0).any(1).nonzero().flatten()  # parents with some signal
+    stats = {"loss/policy": 0.0, "loss/kl": 0.0, "train/clipfrac": 0.0, "train/ratio": 0.0}  # sums over children
+    count, skipped = 0, 0
+    for ks in batch["steps"].unique().chunk(args.minibatches):  # consecutive branching steps, in order of k
+        mb = keep[torch.isin(batch["steps"][keep], ks)]
+        opt.zero_grad(set_to_none=True)
+        for k in batch["steps"][mb].unique().tolist():
+            nodes = mb[batch["steps"][mb] == k]
+            x, x_next = batch["states"][nodes], batch["next"][nodes].flatten(0, 1)
+            cond, xs = index_cond(batch["cond"], batch["prompt"][nodes]), x.repeat_interleave(c, 0)
+            v = policy.velocity(x, sig[k], cond, args.guidance)  # once per shared x_k, broadcast to its c children
+            step = sde_step(xs, v.repeat_interleave(c, 0), sig[k], sig[k + 1], args.noise_level, prev_sample=x_next)
+            ratio = torch.exp(step.log_prob - batch["log_probs"][nodes].flatten())
+            a = adv[nodes].flatten().to(policy.device)
+            clipped = torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
+            policy_loss = torch.maximum(-a * ratio, -a * clipped)
+            kl = torch.zeros_like(policy_loss)
+            if args.beta > 0:  # KL of two Gaussians with the same std: ||mu - mu_ref||^2 / (2 std^2)
+                with torch.no_grad(), policy.reference():
+                    v_ref = policy.velocity(x, sig[k], cond, args.guidance).repeat_interleave(c, 0)
+                mean_ref = sde_step(xs, v_ref, sig[k], sig[k + 1], args.noise_level, prev_sample=x_next).mean
+                kl = ((step.mean - mean_ref) ** 2).mean(dim=tuple(range(1, x.ndim))) / (2 * step.std.flatten() ** 2)
+            loss = (policy_loss + args.beta * kl).sum() / (len(mb) * c)  # the mean over the minibatch's children
+            if not torch.isfinite(loss):
+                skipped += 1
+                continue
+            policy.backward(loss)
+            stats["loss/policy"] += policy_loss.sum().item()
+            stats["loss/kl"] += kl.sum().item()
+            stats["train/clipfrac"] += ((ratio - 1).abs() > args.clip_range).float().sum().item()
+            stats["train/ratio"] += ratio.sum().item()
+            count += len(ratio)
+        torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
+        opt.step()
+    return {**{k: v / max(count, 1) for k, v in stats.items()}, "train/skipped": skipped,
+            "train/zero_adv": 1 - len(keep) / len(adv)}
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop (TRY NOT TO MODIFY: the same text in all five scripts)
+# ------------------------------------------------------------------------------------------------
+def check_args(args: Args) -> None:
+    if args.group_size < 2:
+        raise SystemExit(f"--group-size {args.group_size}: a group needs at least 2 images to have an advantage")
+    if args.prompts_per_step < 1 or args.steps < 0 or args.num_steps < 2:
+        raise SystemExit("--prompts-per-step >= 1, --steps >= 0 and --num-steps >= 2 are required")
+    if args.minibatches < 1 or args.minibatches > args.prompts_per_step * args.group_size:
+        raise SystemExit(f"--minibatches must be between 1 and the batch size ({args.prompts_per_step * args.group_size})")
+
+
+def main(args: Args) -> dict:
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    try:
+        reward_fn = make_reward(args.reward)
+    except ValueError as e:
+        raise SystemExit(f"--reward: {e}") from None
+    train_prompts = load_prompts(args.prompts, "train")
+    eval_prompts = load_prompts(args.eval_prompts, "eval")
+    policy = load_policy(args.model, device, args.mixed_precision, args.resolution)
+    policy.add_lora(args.lora_rank, args.lora_alpha, lora_targets(policy))
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    print(f"{policy.backend} on {device}: {sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.2f}M trainable "
+          f"parameters; {args.prompts_per_step} prompts x {args.group_size} images per iteration")
+    ema = EMA(policy.trainable_parameters(), args.ema_decay)
+    state = init_state(policy, args)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    cpu_gen = torch.Generator().manual_seed(args.seed)
+    prompt_rng = random.Random(args.seed)
+    start, wall_offset, samples = 0, 0.0, 0
+    run_dir = Path(args.resume) if args.resume else new_run_dir(args.out, Path(__file__).stem)
+    if args.resume:
+        ckpt = load_checkpoint(run_dir / "checkpoint.pt" if run_dir.is_dir() else run_dir)
+        run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+        policy.load_trainable_state(ckpt["trainable"])
+        opt.load_state_dict(ckpt["optimizer"])
+        ema.shadow = ckpt["ema"]
+        state = ckpt["state"]
+        gen.set_state(ckpt["gen"])
+        cpu_gen.set_state(ckpt["cpu_gen"])
+        prompt_rng.setstate(ckpt["prompt_rng"])
+        start, wall_offset, samples = ckpt["step"], ckpt["wall_time"], ckpt["samples"]
+        print(f"resumed {run_dir} at iteration {start}")
+    logger = Logger(run_dir, asdict(args), args.track)
+    t_start = time.time()
+
+    def wall() -> float:
+        return time.time() - t_start + wall_offset
+
+    def run_eval(step: int) -> dict:
+        t0 = time.time()
+        with ema.swapped_in():  # decay 0: the shadow is the live weights
+            metrics, images = evaluate(policy, eval_prompts, reward_fn, args.eval_per_prompt, args.eval_num_steps,
+                                       args.shift, args.guidance, seed=args.seed + 10_000)
+        save_grid(images, run_dir / f"eval_{step:05d}.png", nrow=8, scale=4 if policy.backend == "shapes" else 1)
+        metrics["time/eval"] = time.time() - t0
+        logger.log(step, metrics, wall_offset)
+        return metrics
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir / "checkpoint.pt", {
+            "trainable": policy.trainable_state(), "optimizer": opt.state_dict(), "ema": ema.shadow, "state": state,
+            "gen": gen.get_state(), "cpu_gen": cpu_gen.get_state(), "prompt_rng": prompt_rng.getstate(),
+            "step": step, "wall_time": wall(), "samples": samples, "args": asdict(args)})
+
+    last_eval = run_eval(start) if start == 0 else {}
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=Path(__file__).stem)
+    for step in bar:
+        policy.clock.update(forward=0.0, backward=0.0)
+        t0 = time.time()
+        prompts = prompt_rng.choices(train_prompts, k=args.prompts_per_step)
+        batch = sample_batch(policy, prompts, state, args, gen)
+        t1 = time.time()
+        rewards, info = reward_fn(batch["images"], batch["prompts"])
+        adv = compute_advantages(batch, rewards, info, args)
+        t2 = time.time()
+        stats = train_on_batch(policy, opt, batch, adv, state, args, cpu_gen)
+        ema.update()
+        t3 = time.time()
+        samples += len(rewards)  # images scored so far (more than prompts x group for the branching methods)
+        metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+                   **{f"reward/{k}": v.nanmean().item() for k, v in info.items() if not v.isnan().all()},
+                   "adv/abs_mean": adv.abs().mean().item(), **stats,
+                   "time/sample": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
+                   "time/forward": policy.clock["forward"], "time/backward": policy.clock["backward"],
+                   "samples": samples}
+        logger.log(step + 1, metrics, wall_offset)
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval=f"{last_eval.get('eval/score', float('nan')):.3f}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            last_eval = run_eval(step + 1)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            checkpoint(step + 1)
+    logger.close()
+    print(f"done: {args.steps} iterations in {wall() / 60:.1f} min; eval/score {last_eval.get('eval/score', float('nan')):.3f}, "
+          f"eval/strict {last_eval.get('eval/strict', float('nan')):.3f}; run folder {run_dir}")
+    return last_eval
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

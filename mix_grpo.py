@@ -1,0 +1,383 @@
+"""MixGRPO (Li et al., 2025, arXiv 2507.21802): Flow-GRPO with the SDE only inside a sliding window.
+
+Flow-GRPO samples every step with the SDE and trains on every step. MixGRPO samples with the SDE only
+on a window W(l) = {l, ..., l + w - 1} of w consecutive steps and with the ODE elsewhere, and trains only
+the window's steps, so an update costs w instead of T forward/backward passes per image. The window
+moves with training ("progressive": l <- min(l + s, T - w) every tau iterations), from the high-noise
+steps that shape the layout to the later ones. The ratio, the clip and the KL are Flow-GRPO's:
+
+    L = mean_{i, t in W(l)} max(-A_i rho_{i,t}, -A_i clip(rho_{i,t}, 1 - eps, 1 + eps)) + beta KL
+
+All G images of a prompt start from the same noise x_1, so their rewards differ only by the window's noise.
+MixGRPO-Flash (--flash) replaces the Euler ODE after the window by DPM-Solver++(2M) on a sub-schedule
+with a fraction r of the remaining steps; Flash* (--flash-frozen) freezes the window at l = 0 (r = 0.2).
+See docs/mix_grpo.md for every implementation detail.
+
+    python mix_grpo.py                        # the embedded shapes world, on the CPU in minutes
+    python mix_grpo.py --flash-frozen         # MixGRPO-Flash*
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+
+from common import (EMA, Logger, group_advantages, index_cond, load_checkpoint, load_policy, load_prompts,
+                    lora_targets, new_run_dir, pick_device, rollout, save_checkpoint, save_grid, sde_step,
+                    seed_everything, sigma_schedule, evaluate)
+from rewards import make_reward, parse_reward_spec
+
+
+@dataclass
+class Args:
+    # ---- shared by every script (TRY NOT TO MODIFY: the same text in all five) ----
+    model: str | None = None
+    """diffusers SD3 model (hub id or local folder); unset: the embedded shapes base, no download"""
+    reward: str = "shapes"
+    """reward name, or a weighted sum such as 'shapes:1.0,jpeg_compressibility:0.1'"""
+    prompts: str | None = None
+    """training prompts, one per line; unset: the shapes world's train split"""
+    eval_prompts: str | None = None
+    """held-out evaluation prompts, one per line; unset: the shapes world's eval split"""
+    steps: int = 100
+    """training iterations (sample, score, update)"""
+    prompts_per_step: int = 8
+    """distinct prompts sampled per iteration"""
+    group_size: int = 8
+    """images per prompt (G); the group's rewards give each image its advantage"""
+    num_steps: int = 10
+    """sampling steps of training rollouts"""
+    eval_num_steps: int = 20
+    """ODE steps of evaluation (more than num_steps: the paper's denoising reduction)"""
+    shift: float = 3.0
+    """time shift of the sigma schedule (SD3.5's scheduler value)"""
+    guidance: float = 1.0
+    """classifier-free guidance scale, in sampling, training and evaluation (1: no CFG, half the cost)"""
+    resolution: int | None = None
+    """image side in pixels (SD3 default 512); the shapes world is fixed at 32"""
+    lr: float = 1e-4
+    """AdamW learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    lora_rank: int = 0
+    """LoRA rank; 0 fine-tunes every weight of the denoiser (the reference is then a frozen copy)"""
+    lora_alpha: float = 64.0
+    """LoRA alpha (scale alpha / rank)"""
+    ema_decay: float = 0.9
+    """EMA of the trainable weights used for evaluation; 0 evaluates the live weights"""
+    eval_every: int = 10
+    """evaluate every this many iterations (and at the end)"""
+    eval_per_prompt: int = 8
+    """evaluation images per held-out prompt (fixed noise)"""
+    save_every: int = 10
+    """checkpoint every this many iterations (and at the end)"""
+    seed: int = 0
+    """seed of prompts, noise and initial adapter weights"""
+    device: str = "auto"
+    """'auto' (CUDA if present), 'cpu' or 'cuda'"""
+    mixed_precision: str = "bf16"
+    """weights' dtype on CUDA: bf16, fp16 or fp32 (log-probs are always float32)"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    out: str | None = None
+    """run folder; unset: runs/<script>-<date>"""
+    resume: str | None = None
+    """run folder (or checkpoint file) to continue from"""
+    track: bool = False
+    """also log to Weights & Biases"""
+    # ---- MixGRPO ----
+    noise_level: float = 0.7
+    """a in sigma_t = a sqrt(t / (1 - t)): the SDE's noise level inside the window"""
+    clip_range: float = 1e-3
+    """PPO clip epsilon on the per-step ratio (the MixGRPO code: 1e-4)"""
+    beta: float = 0.04
+    """KL(pi_theta || pi_ref) coefficient on the window's steps (paper: 0 on FLUX, 0.001 on SD3.5-M)"""
+    adv_clip: float = 5.0
+    """advantages are clipped to [-adv_clip, adv_clip]"""
+    global_std: bool = False
+    """normalise advantages by the std of the whole batch instead of each group's"""
+    window_size: int = 4
+    """w: consecutive SDE steps per rollout, the only steps trained"""
+    window_strategy: Literal["progressive", "frozen", "random"] = "progressive"
+    """how the window's first step l moves: by s every tau iterations, never (l = 0), or uniformly at random"""
+    window_interval: int = 20
+    """tau: iterations between two moves of the progressive window (paper: 25 on FLUX, 150 on SD3.5-M)"""
+    window_stride: int = 1
+    """s: steps the progressive window moves each time; l stops at num_steps - w"""
+    same_noise: bool = True
+    """one initial noise x_1 per group, as the paper does (--no-same-noise: one per image)"""
+    reward_aggregation: Literal["sum", "mean"] = "sum"
+    """several rewards: sum their per-reward group z-scores (paper, Alg. 1) or average them (the code)"""
+    flash: bool = False
+    """MixGRPO-Flash: DPM-Solver++(2M) after the window, on a compressed schedule"""
+    flash_frozen: bool = False
+    """MixGRPO-Flash*: Flash with the window frozen at l = 0"""
+    flash_ratio: float | None = None
+    """r: the solver takes round(r * steps after the window) steps (unset: 0.4 for Flash, 0.2 for Flash*)"""
+    minibatches: int = 2
+    """optimiser steps per iteration: the batch is split into this many minibatches"""
+
+
+# ------------------------------------------------------------------------------------------------
+# MixGRPO: the sliding window, the Flash solver, sampling, advantages, update
+# ------------------------------------------------------------------------------------------------
+def window_start(iteration: int, args: Args, gen: torch.Generator) -> int:
+    """l of W(l) = {l, ..., l + w - 1} at this iteration; the paper clips l at T - w."""
+    last = args.num_steps - args.window_size
+    if args.window_strategy == "frozen" or args.flash_frozen:
+        return 0
+    if args.window_strategy == "random":
+        return int(torch.randint(0, last + 1, (1,), generator=gen, device=gen.device))
+    return min(args.window_stride * (iteration // args.window_interval), last)
+
+
+def flash_sigmas(sigmas: torch.Tensor, end: int, ratio: float, shift: float) -> torch.Tensor:
+    """The compressed schedule after the window: from sigmas[end] to 0 in max(1, round(r * n)) steps,
+    where n = len(sigmas) - 1 - end, spaced as the base schedule is (linear before the time shift)."""
+    n = len(sigmas) - 1 - end
+    if n == 0:
+        return sigmas[end:]
+    sig = sigmas[end].double()
+    s = sig / (shift - (shift - 1) * sig)  # undo sigma = shift * s / (1 + (shift - 1) * s)
+    s = torch.linspace(float(s), 0.0, max(1, round(ratio * n)) + 1, dtype=torch.float64)
+    return (shift * s / (1 + (shift - 1) * s)).float()
+
+
+def dpm_solver_step(x, x0, x0_prev, sigma_prev, sigma, sigma_next) -> torch.Tensor:
+    """One DPM-Solver++(2M) step for rectified flow (alpha = 1 - sigma, data prediction x0 = x - sigma v,
+    lambda = log((1 - sigma) / sigma), h = lambda_next - lambda):
+
+        x_next = (sigma_next / sigma) x - alpha_next (e^{-h} - 1) (D0 + D1 / 2),  D0 = x0,  D1 = (x0 - x0_prev) / r
+
+    with r = (lambda - lambda_prev) / h (the "midpoint" second-order term). Without a previous x0 it is
+    the first-order step (DDIM); the step to sigma = 0 (lambda = inf) returns x0, as diffusers does."""
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    if sigma_next == 0:
+        return x0
+    lam = lambda s: math.log((1 - s) / s)  # noqa: E731
+    h = lam(sigma_next) - lam(sigma)
+    d = x0
+    if x0_prev is not None and float(sigma_prev) < 1:  # lambda(1) = -inf: no usable history at t = 1
+        d = x0 + 0.5 * (x0 - x0_prev) * h / (lam(sigma) - lam(float(sigma_prev)))
+    return sigma_next / sigma * x - (1 - sigma_next) * math.expm1(-h) * d
+
+
+def flash_finish(policy, cond, x, sigmas, x0_prev, sigma_prev, guidance: float) -> torch.Tensor:
+    """Integrate from sigmas[0] to sigmas[-1] = 0 with DPM-Solver++(2M); the multistep history starts
+    with the x0-prediction of the window's last step."""
+    for i in range(len(sigmas) - 1):
+        x0 = x - sigmas[i] * policy.velocity(x, sigmas[i], cond, guidance).float()
+        x = dpm_solver_step(x, x0, x0_prev, sigma_prev, sigmas[i], sigmas[i + 1])
+        x0_prev, sigma_prev = x0, sigmas[i]
+    return x
+
+
+@torch.no_grad()
+def sample_batch(policy, prompts: list[str], state: dict, args: Args, gen: torch.Generator) -> dict:
+    """G images per prompt from one shared x_1: ODE before the window, SDE in it, ODE (or Flash) after."""
+    l = window_start(state["iteration"], args, gen)
+    state["iteration"] += 1
+    end = l + args.window_size
+    all_prompts = [p for p in prompts for _ in range(args.group_size)]
+    cond = policy.encode(all_prompts)
+    sigmas = sigma_schedule(args.num_steps, args.shift)
+    x = policy.noise(len(prompts), gen).repeat_interleave(args.group_size, 0) if args.same_noise \
+        else policy.noise(len(all_prompts), gen)
+    levels = [args.noise_level if l <= i < end else 0.0 for i in range(args.num_steps)]
+    if args.flash or args.flash_frozen:
+        head = rollout(policy, cond, x, sigmas[:end], levels, args.guidance, gen)  # up to the window's last step
+        x = head.latents[:, -1]
+        v = policy.velocity(x, sigmas[end - 1], cond, args.guidance).float()
+        last = sde_step(x, v, sigmas[end - 1], sigmas[end], args.noise_level, generator=gen)
+        latents = torch.cat([head.latents, last.sample[:, None]], 1)
+        log_probs = torch.cat([head.log_probs, last.log_prob[:, None]], 1)
+        post = flash_sigmas(sigmas, end, args.flash_ratio or (0.2 if args.flash_frozen else 0.4), args.shift)
+        x0 = flash_finish(policy, cond, last.sample, post, x - sigmas[end - 1] * v, sigmas[end - 1], args.guidance)
+        nfe = end + len(post) - 1
+    else:
+        out = rollout(policy, cond, x, sigmas, levels, args.guidance, gen)
+        latents, log_probs, x0, nfe = out.latents, out.log_probs, out.latents[:, -1], args.num_steps
+    return {"prompts": all_prompts, "groups": torch.arange(len(prompts)).repeat_interleave(args.group_size),
+            "cond": cond, "latents": latents, "log_probs": log_probs, "sigmas": sigmas, "window": range(l, end),
+            "nfe": nfe, "images": policy.decode(x0)}
+
+
+def compute_advantages(batch: dict, rewards: torch.Tensor, info: dict, args: Args) -> torch.Tensor:
+    """GRPO per prompt, clipped. Several rewards: A_i = sum_k w_k (R_ik - mu_k) / sigma_k, one group
+    z-score per reward model (paper, Alg. 1), divided by sum_k w_k with --reward-aggregation mean (the code)."""
+    parts = parse_reward_spec(args.reward)
+    if len(parts) == 1:
+        adv = group_advantages(rewards, batch["groups"], global_std=args.global_std)
+    else:
+        adv = sum(w * group_advantages(info[name], batch["groups"], global_std=args.global_std) for name, w in parts)
+        if args.reward_aggregation == "mean":
+            adv = adv / sum(w for _, w in parts)
+    return adv.clamp(-args.adv_clip, args.adv_clip)
+
+
+def init_state(policy, args: Args) -> dict:
+    """The iteration counter that moves the window (saved in checkpoints, so a resumed run keeps its window)."""
+    if not 1 <= args.window_size <= args.num_steps:
+        raise SystemExit(f"--window-size {args.window_size}: it must be between 1 and --num-steps ({args.num_steps})")
+    if args.window_interval < 1 or args.window_stride < 0:
+        raise SystemExit("--window-interval must be >= 1 and --window-stride >= 0")
+    if args.flash_ratio is not None and not 0 < args.flash_ratio <= 1:
+        raise SystemExit(f"--flash-ratio {args.flash_ratio}: the fraction of steps kept must be in (0, 1]")
+    return {"iteration": 0}
+
+
+def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, args: Args,
+                   gen: torch.Generator) -> dict:
+    """PPO-clipped policy gradient over the trained steps, one optimiser step per minibatch."""
+    n = len(adv)
+    steps = batch["window"]  # only the window's steps: w forward/backward passes per image instead of T
+    sig = batch["sigmas"]
+    stats = {"loss/policy": 0.0, "loss/kl": 0.0, "train/clipfrac": 0.0, "train/ratio": 0.0, "train/skipped": 0}
+    count = 0
+    for mb in torch.randperm(n, generator=gen).chunk(args.minibatches):
+        cond, a = index_cond(batch["cond"], mb), adv[mb].to(policy.device)
+        opt.zero_grad(set_to_none=True)
+        for j in steps:
+            x, x_next = batch["latents"][mb, j], batch["latents"][mb, j + 1]
+            step = sde_step(x, policy.velocity(x, sig[j], cond, args.guidance), sig[j], sig[j + 1],
+                            args.noise_level, prev_sample=x_next)
+            ratio = torch.exp(step.log_prob - batch["log_probs"][mb, j])
+            clipped = torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
+            policy_loss = torch.maximum(-a * ratio, -a * clipped).mean()
+            kl = torch.zeros(())
+            if args.beta > 0:  # KL of two Gaussians with the same std: ||mu - mu_ref||^2 / (2 std^2)
+                with torch.no_grad(), policy.reference():
+                    v_ref = policy.velocity(x, sig[j], cond, args.guidance)
+                mean_ref = sde_step(x, v_ref, sig[j], sig[j + 1], args.noise_level, prev_sample=x_next).mean
+                kl = (((step.mean - mean_ref) ** 2).mean(dim=tuple(range(1, x.ndim))) / (2 * step.std.flatten() ** 2)).mean()
+            loss = (policy_loss + args.beta * kl) / len(steps)
+            if not torch.isfinite(loss):
+                stats["train/skipped"] += 1
+                continue
+            policy.backward(loss)
+            stats["loss/policy"] += policy_loss.item()
+            stats["loss/kl"] += kl.item()
+            stats["train/clipfrac"] += ((ratio - 1).abs() > args.clip_range).float().mean().item()
+            stats["train/ratio"] += ratio.mean().item()
+            count += 1
+        torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
+        opt.step()
+    stats = {k: (v / max(count, 1) if k != "train/skipped" else v) for k, v in stats.items()}
+    return {**stats, "window/start": steps[0], "sample/nfe": batch["nfe"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop (TRY NOT TO MODIFY: the same text in all five scripts)
+# ------------------------------------------------------------------------------------------------
+def check_args(args: Args) -> None:
+    if args.group_size < 2:
+        raise SystemExit(f"--group-size {args.group_size}: a group needs at least 2 images to have an advantage")
+    if args.prompts_per_step < 1 or args.steps < 0 or args.num_steps < 2:
+        raise SystemExit("--prompts-per-step >= 1, --steps >= 0 and --num-steps >= 2 are required")
+    if args.minibatches < 1 or args.minibatches > args.prompts_per_step * args.group_size:
+        raise SystemExit(f"--minibatches must be between 1 and the batch size ({args.prompts_per_step * args.group_size})")
+
+
+def main(args: Args) -> dict:
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    try:
+        reward_fn = make_reward(args.reward)
+    except ValueError as e:
+        raise SystemExit(f"--reward: {e}") from None
+    train_prompts = load_prompts(args.prompts, "train")
+    eval_prompts = load_prompts(args.eval_prompts, "eval")
+    policy = load_policy(args.model, device, args.mixed_precision, args.resolution)
+    policy.add_lora(args.lora_rank, args.lora_alpha, lora_targets(policy))
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    print(f"{policy.backend} on {device}: {sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.2f}M trainable "
+          f"parameters; {args.prompts_per_step} prompts x {args.group_size} images per iteration")
+    ema = EMA(policy.trainable_parameters(), args.ema_decay)
+    state = init_state(policy, args)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    cpu_gen = torch.Generator().manual_seed(args.seed)
+    prompt_rng = random.Random(args.seed)
+    start, wall_offset, samples = 0, 0.0, 0
+    run_dir = Path(args.resume) if args.resume else new_run_dir(args.out, Path(__file__).stem)
+    if args.resume:
+        ckpt = load_checkpoint(run_dir / "checkpoint.pt" if run_dir.is_dir() else run_dir)
+        run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+        policy.load_trainable_state(ckpt["trainable"])
+        opt.load_state_dict(ckpt["optimizer"])
+        ema.shadow = ckpt["ema"]
+        state = ckpt["state"]
+        gen.set_state(ckpt["gen"])
+        cpu_gen.set_state(ckpt["cpu_gen"])
+        prompt_rng.setstate(ckpt["prompt_rng"])
+        start, wall_offset, samples = ckpt["step"], ckpt["wall_time"], ckpt["samples"]
+        print(f"resumed {run_dir} at iteration {start}")
+    logger = Logger(run_dir, asdict(args), args.track)
+    t_start = time.time()
+
+    def wall() -> float:
+        return time.time() - t_start + wall_offset
+
+    def run_eval(step: int) -> dict:
+        t0 = time.time()
+        with ema.swapped_in():  # decay 0: the shadow is the live weights
+            metrics, images = evaluate(policy, eval_prompts, reward_fn, args.eval_per_prompt, args.eval_num_steps,
+                                       args.shift, args.guidance, seed=args.seed + 10_000)
+        save_grid(images, run_dir / f"eval_{step:05d}.png", nrow=8, scale=4 if policy.backend == "shapes" else 1)
+        metrics["time/eval"] = time.time() - t0
+        logger.log(step, metrics, wall_offset)
+        return metrics
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir / "checkpoint.pt", {
+            "trainable": policy.trainable_state(), "optimizer": opt.state_dict(), "ema": ema.shadow, "state": state,
+            "gen": gen.get_state(), "cpu_gen": cpu_gen.get_state(), "prompt_rng": prompt_rng.getstate(),
+            "step": step, "wall_time": wall(), "samples": samples, "args": asdict(args)})
+
+    last_eval = run_eval(start) if start == 0 else {}
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=Path(__file__).stem)
+    for step in bar:
+        policy.clock.update(forward=0.0, backward=0.0)
+        t0 = time.time()
+        prompts = prompt_rng.choices(train_prompts, k=args.prompts_per_step)
+        batch = sample_batch(policy, prompts, state, args, gen)
+        t1 = time.time()
+        rewards, info = reward_fn(batch["images"], batch["prompts"])
+        adv = compute_advantages(batch, rewards, info, args)
+        t2 = time.time()
+        stats = train_on_batch(policy, opt, batch, adv, state, args, cpu_gen)
+        ema.update()
+        t3 = time.time()
+        samples += len(rewards)  # images scored so far (more than prompts x group for the branching methods)
+        metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+                   **{f"reward/{k}": v.nanmean().item() for k, v in info.items() if not v.isnan().all()},
+                   "adv/abs_mean": adv.abs().mean().item(), **stats,
+                   "time/sample": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
+                   "time/forward": policy.clock["forward"], "time/backward": policy.clock["backward"],
+                   "samples": samples}
+        logger.log(step + 1, metrics, wall_offset)
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval=f"{last_eval.get('eval/score', float('nan')):.3f}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            last_eval = run_eval(step + 1)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            checkpoint(step + 1)
+    logger.close()
+    print(f"done: {args.steps} iterations in {wall() / 60:.1f} min; eval/score {last_eval.get('eval/score', float('nan')):.3f}, "
+          f"eval/strict {last_eval.get('eval/strict', float('nan')):.3f}; run folder {run_dir}")
+    return last_eval
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
