@@ -1,6 +1,6 @@
 """What every algorithm shares: the sigma schedule, the SDE step with its log-probability, rollouts,
-the policy wrapper over a backend (shapes / SD3) with LoRA and a reference context, group advantages,
-evaluation, logging, image grids, checkpoints and resume.
+the policy wrapper over a backend (shapes / SD3 / FLUX) with LoRA and a reference context, prompt-embedding
+cache, group advantages, evaluation, logging, image grids, checkpoints and resume.
 
 Conventions (rectified flow, as SD3 / FLUX): t = sigma in [0, 1], x_t = (1 - t) * x0 + t * eps,
 the model predicts the velocity v = eps - x0, sampling integrates from t = 1 (noise) to t = 0 (data).
@@ -58,9 +58,15 @@ def sigma_schedule(num_steps: int, shift: float) -> torch.Tensor:
     sigmas after set_timesteps(num_steps), plus the final 0.
 
     The scheduler spaces timesteps linearly between sigma_max = 1 and its shifted sigma_min, and shifts
-    them once more: s -> shift * s / (1 + (shift - 1) * s)."""
+    them once more: s -> shift * s / (1 + (shift - 1) * s).
+
+    Every backend uses this SD3 spacing. FLUX's pipeline instead passes linspace(1, 1/T, T) before the
+    shift (with shift = e^mu); the shift itself matches FLUX (Policy.default_shift), the spacing of the
+    unshifted grid does not: e.g. T = 10, shift 3: last nonzero sigma 0.0089 here, 0.25 in FluxPipeline."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if shift is None:
+        raise ValueError("shift is unset: the scripts take it from policy.default_shift; pass a number")
 
     def shifted(s):
         return shift * s / (1 + (shift - 1) * s)
@@ -168,19 +174,36 @@ def index_cond(cond: dict, idx) -> dict:
     return {k: v[idx] for k, v in cond.items()}
 
 
+DECODE_CHUNK = 8  # images per VAE decode call: at 512-1024 px the VAE's activations set the peak memory
+ENCODE_CHUNK = 32  # prompts per text-encoder call when filling the prompt cache
+FLUX_MAX_TOKENS = 512  # T5 tokens of FLUX prompts (FluxPipeline's default max_sequence_length)
+
+
 class Policy:
-    """A flow model as a policy: encode prompts, predict velocities (CFG inside), decode to images.
+    """A flow model as a policy: encode prompts (cached), predict velocities (CFG, or FLUX's embedded
+    guidance, inside), decode to images.
 
     Trainable parameters are LoRA adapters (peft) on the denoiser, or the whole denoiser when
-    lora_rank == 0. `reference()` gives the frozen base: the adapters disabled, or a frozen copy."""
+    lora_rank == 0. `reference()` gives the frozen base: the adapters disabled, or a frozen copy.
+    `default_shift` is the model's own time shift of the sigma schedule; `components` names every
+    model (denoiser, text encoders, VAE) for the memory estimate."""
 
-    def __init__(self, backend: str, denoiser, encode_fn, decode_fn, latent_shape, device, dtype=torch.float32):
+    def __init__(self, backend: str, denoiser, encode_fn, decode_fn, latent_shape, device, dtype=torch.float32,
+                 text_encoders: dict | None = None, vae=None, default_shift: float = 3.0,
+                 extra_inputs: dict | None = None):
         self.backend, self.denoiser, self._encode, self._decode = backend, denoiser, encode_fn, decode_fn
         self.latent_shape, self.device, self.dtype = tuple(latent_shape), device, dtype
+        self.text_encoders = dict(text_encoders or {})
+        self.components = {"denoiser": denoiser, **self.text_encoders, **({"vae": vae} if vae is not None else {})}
+        self.default_shift = float(default_shift)
+        self.extra_inputs = dict(extra_inputs or {})  # FLUX: txt_ids / img_ids, built once for the resolution
+        self.text_device = device  # where the text encoders run: the CPU after offload_text_encoders()
+        self.cache: dict[str, dict[str, torch.Tensor]] = {}  # prompt -> its embeddings (a batch of 1), on the CPU
         self.denoiser.requires_grad_(False)
         self.frozen_copy = None
         self.clock = {"forward": 0.0, "backward": 0.0}  # seconds inside model calls, for time/ metrics
-        self.uncond = self.encode([""])
+        # the empty prompt's embedding for CFG; FLUX is guidance-distilled and never needs it
+        self.uncond = None if backend == "flux" else self.encode([""])
 
     # -- trainable parameters ----------------------------------------------------------------
     def add_lora(self, rank: int, alpha: float, targets: list[str]) -> None:
@@ -227,10 +250,34 @@ class Policy:
         finally:
             self.denoiser.enable_adapters()
 
+    # -- memory ------------------------------------------------------------------------------
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the denoiser's block activations in the backward pass instead of storing them."""
+        self.denoiser.enable_gradient_checkpointing()
+
+    @torch.no_grad()
+    def offload_text_encoders(self, prompts: list[str]) -> None:
+        """Encode `prompts` once into the cache, then move the text encoders to the CPU. A prompt not
+        cached later is still encoded, on the CPU (slowly)."""
+        self.encode(list(prompts))
+        for m in self.text_encoders.values():
+            m.to("cpu")
+        self.text_device = torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     # -- the model --------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> dict:
-        return self._encode(list(prompts))
+        """Prompt embeddings; each distinct prompt is encoded once and cached (on the CPU) for the run."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.cache))
+        for i in range(0, len(missing), ENCODE_CHUNK):
+            chunk = missing[i:i + ENCODE_CHUNK]
+            out = self._encode(chunk, self.text_device)
+            for j, p in enumerate(chunk):
+                self.cache[p] = {k: v[j:j + 1].to("cpu", copy=True) for k, v in out.items()}
+        keys = self.cache[prompts[0]].keys()
+        return {k: torch.cat([self.cache[p][k] for p in prompts]).to(self.device) for k in keys}
 
     def _autocast(self):
         if self.device.type == "cuda" and self.dtype != torch.float32:
@@ -248,26 +295,36 @@ class Policy:
         loss.backward()
         self.clock["backward"] += self._sync() - t0
 
-    def _forward(self, x, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+    def _forward(self, x, sigma: torch.Tensor, cond: dict, guidance: float | None = None) -> torch.Tensor:
         t0 = self._sync()
-        out = self._denoise(x, sigma * 1000, cond)  # diffusers' timestep convention
+        out = self._denoise(x, sigma, cond, guidance)
         self.clock["forward"] += self._sync() - t0
         return out
 
-    def _denoise(self, x, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    def _denoise(self, x, sigma: torch.Tensor, cond: dict, guidance: float | None) -> torch.Tensor:
         with self._autocast():
-            if self.backend == "shapes":
-                out = self.denoiser(x, t, encoder_hidden_states=cond["hidden"], return_dict=False)[0]
-            else:
-                out = self.denoiser(hidden_states=x.to(self.dtype), timestep=t, encoder_hidden_states=cond["hidden"],
-                                    pooled_projections=cond["pooled"], return_dict=False)[0]
+            if self.backend == "shapes":  # diffusers' timestep convention: t = 1000 sigma
+                out = self.denoiser(x, sigma * 1000, encoder_hidden_states=cond["hidden"], return_dict=False)[0]
+            elif self.backend == "sd3":
+                out = self.denoiser(hidden_states=x.to(self.dtype), timestep=sigma * 1000,
+                                    encoder_hidden_states=cond["hidden"], pooled_projections=cond["pooled"],
+                                    return_dict=False)[0]
+            else:  # flux: the timestep is sigma itself (the transformer multiplies by 1000), guidance an input
+                g = torch.full_like(sigma, guidance) if self.denoiser.config.guidance_embeds else None
+                out = self.denoiser(hidden_states=x.to(self.dtype), timestep=sigma, guidance=g,
+                                    encoder_hidden_states=cond["hidden"], pooled_projections=cond["pooled"],
+                                    return_dict=False, **self.extra_inputs)[0]
         return out.float()
 
     def velocity(self, x, sigma, cond: dict, guidance: float) -> torch.Tensor:
-        """v_theta(x, sigma | c); with guidance w > 1, v_u + w * (v_c - v_u) against the empty prompt."""
+        """v_theta(x, sigma | c). shapes / SD3: with guidance w > 1, CFG v_u + w * (v_c - v_u) against the
+        empty prompt (a second, unconditional pass). FLUX (guidance-distilled): w is fed to the
+        transformer's guidance embedding, one pass, no CFG (ignored by models without guidance_embeds)."""
         b = len(x)
         sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         sig = sig.expand(b) if sig.ndim == 0 else sig
+        if self.backend == "flux":
+            return self._forward(x, sig, cond, guidance)
         if guidance == 1:
             return self._forward(x, sig, cond)
         unc = {k: v.expand(b, *v.shape[1:]) for k, v in self.uncond.items()}
@@ -276,16 +333,47 @@ class Policy:
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents to images in [0, 1], (B, 3, H, W) float32."""
-        return self._decode(x).float().clamp(0, 1)
+        """Latents to images in [0, 1], (B, 3, H, W) float32, DECODE_CHUNK images per decoder call."""
+        return torch.cat([self._decode(c).float().clamp(0, 1) for c in x.split(DECODE_CHUNK)])
 
     def noise(self, n: int, generator=None) -> torch.Tensor:
+        """x_1 ~ N(0, I) of the latent shape (FLUX: the packed (seq_len, 4 * channels) shape; i.i.d., so
+        drawing it packed is the same distribution as packing a (channels, h, w) draw)."""
         return torch.randn((n, *self.latent_shape), generator=generator, device=self.device)
+
+
+def weight_memory(policy: Policy) -> str:
+    """An estimate of the memory held by weights: parameter count x bytes per element of each component,
+    plus the trainable parameters in fp32 five times over (weights, gradients, AdamW's two moments, the EMA).
+    Activations, the VAE's decode and the reward models are not included."""
+    def gib(nbytes):
+        return f"{nbytes / 2**30:.2f} GiB"
+
+    def count(n):
+        return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+    parts, total = [], 0
+    frozen = dict(policy.components, **({"reference copy": policy.frozen_copy} if policy.frozen_copy is not None else {}))
+    for name, module in frozen.items():
+        params = [p for p in module.parameters() if not p.requires_grad]
+        nbytes = sum(p.numel() * p.element_size() for p in params)
+        dtypes = "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in params}))
+        where = params[0].device.type if params else "-"
+        parts.append(f"{name} {count(sum(p.numel() for p in params))} x {dtypes} = {gib(nbytes)} ({where})")
+        total += nbytes
+    n = sum(p.numel() for p in policy.trainable_parameters())
+    parts.append(f"trainable {count(n)} x float32 x 5 (weights, grads, AdamW m and v, EMA) = {gib(n * 20)}")
+    total += n * 20
+    return f"weight memory (activations not included): {'; '.join(parts)}; total {gib(total)}"
 
 
 SHAPES_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out"]
 SD3_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+# FLUX: the same names cover the double blocks' joint attention and the single blocks' attention (to_q / to_k /
+# to_v); single blocks have no to_out, their proj_out (attention and MLP outputs -> dim) is added per block in
+# lora_targets, so that the final output layer, also named proj_out, is not adapted
+FLUX_LORA_TARGETS = SD3_LORA_TARGETS
 
 
 def shapes_policy(unet, text_encoder, tokenizer, device) -> Policy:
@@ -294,12 +382,13 @@ def shapes_policy(unet, text_encoder, tokenizer, device) -> Policy:
 
     text_encoder = text_encoder.to(device).eval().requires_grad_(False)
 
-    def encode(prompts):
+    def encode(prompts, dev):
         ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
+                        return_tensors="pt").input_ids.to(dev)
         return {"hidden": text_encoder(ids).last_hidden_state}
 
-    return Policy("shapes", unet.to(device).eval(), encode, lambda x: (x + 1) / 2, (3, RES, RES), device)
+    return Policy("shapes", unet.to(device).eval(), encode, lambda x: (x + 1) / 2, (3, RES, RES), device,
+                  text_encoders={"text_encoder": text_encoder})
 
 
 def load_shapes_base(path: Path = SHAPES_BASE):
@@ -313,29 +402,42 @@ def load_shapes_base(path: Path = SHAPES_BASE):
             CLIPTokenizer.from_pretrained(path / "tokenizer"))
 
 
+def _cannot_load(model: str, e: Exception) -> SystemExit:
+    return SystemExit(
+        f"cannot load --model {model!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}\n"
+        f"It is neither a local diffusers folder nor in the Hugging Face cache (and the hub is "
+        f"unreachable or HF_HUB_OFFLINE=1 is set). Fetch it once where the hub is reachable with "
+        f"`huggingface-cli download {model}` (gated models need `huggingface-cli login`), or pass a local folder.")
+
+
+def _load_pipeline(cls, model: str, device, dtype):
+    try:
+        pipe = cls.from_pretrained(model, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise _cannot_load(model, e) from None
+    pipe.to(device)
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.requires_grad_(False).eval()
+    return pipe
+
+
+def _text_encoders(pipe) -> dict:
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    return {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
+
+
 def sd3_policy(model: str, device, dtype, resolution: int) -> Policy:
     """Stable Diffusion 3 / 3.5 through diffusers, from a hub id or a local folder."""
     from diffusers import StableDiffusion3Pipeline
 
-    try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise SystemExit(
-            f"cannot load --model {model!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}\n"
-            f"It is neither a local diffusers folder nor in the Hugging Face cache (and the hub is "
-            f"unreachable or HF_HUB_OFFLINE=1 is set). Fetch it once where the hub is reachable with "
-            f"`huggingface-cli download {model}` (gated models need `huggingface-cli login`), or pass a local folder."
-        ) from None
-    pipe.to(device)
-    for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.vae):
-        if m is not None:
-            m.requires_grad_(False).eval()
+    pipe = _load_pipeline(StableDiffusion3Pipeline, model, device, dtype)
     vae = pipe.vae
     f = pipe.vae_scale_factor
 
-    def encode(prompts):
+    def encode(prompts, dev):
         pe, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
-                                              device=device, max_sequence_length=128)
+                                              device=dev, max_sequence_length=128)
         return {"hidden": pe, "pooled": pooled}
 
     def decode(x):
@@ -343,23 +445,89 @@ def sd3_policy(model: str, device, dtype, resolution: int) -> Policy:
         return vae.decode(z, return_dict=False)[0] / 2 + 0.5
 
     shape = (pipe.transformer.config.in_channels, resolution // f, resolution // f)
-    return Policy("sd3", pipe.transformer.eval(), encode, decode, shape, device, dtype)
+    return Policy("sd3", pipe.transformer.eval(), encode, decode, shape, device, dtype,
+                  text_encoders=_text_encoders(pipe), vae=vae, default_shift=pipe.scheduler.config.get("shift", 3.0))
 
 
-def load_policy(model: str | None, device, mixed_precision: str = "bf16", resolution: int | None = None) -> Policy:
-    """--model None: the embedded shapes base; otherwise an SD3 pipeline (hub id or local folder)."""
+def flux_policy(model: str, device, dtype, resolution: int) -> Policy:
+    """FLUX.1 through diffusers, from a hub id or a local folder.
+
+    Latents are packed: 2x2 patches of the VAE's 16 channels become tokens, so the policy's latent is
+    (seq_len, 64) with seq_len = (H / 16) * (W / 16); text ids (zeros) and image ids (row, column) are built
+    once for the resolution. The transformer takes the timestep as sigma, and the guidance scale as an
+    embedding (FLUX.1-dev is guidance-distilled, so there is no CFG pass). The scheduler's dynamic shift
+    sigma' = e^mu / (e^mu + (1 / sigma - 1)) is our shift with shift = e^mu, mu = calculate_shift(seq_len)."""
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    pipe = _load_pipeline(FluxPipeline, model, device, dtype)
+    vae = pipe.vae
+    f = pipe.vae_scale_factor
+    if resolution % (2 * f):
+        raise SystemExit(f"--resolution {resolution}: FLUX packs 2x2 latent patches, so it must be a multiple of {2 * f}")
+    side = resolution // (2 * f)  # tokens per row and column
+    seq_len = side * side
+
+    def encode(prompts, dev):
+        pe, pooled, _ = pipe.encode_prompt(prompts, None, device=dev, max_sequence_length=FLUX_MAX_TOKENS)
+        return {"hidden": pe, "pooled": pooled}
+
+    def decode(x):
+        z = FluxPipeline._unpack_latents(x, resolution, resolution, f)  # (B, seq, 64) -> (B, 16, H/8, W/8)
+        z = z.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        return vae.decode(z, return_dict=False)[0] / 2 + 0.5
+
+    sched = pipe.scheduler.config
+    if sched.get("use_dynamic_shifting", False):
+        mu = calculate_shift(seq_len, sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096),
+                             sched.get("base_shift", 0.5), sched.get("max_shift", 1.15))
+        shift = math.exp(mu)
+    else:
+        shift = sched.get("shift", 1.0)
+    ids = {"txt_ids": torch.zeros(FLUX_MAX_TOKENS, 3, device=device),
+           "img_ids": FluxPipeline._prepare_latent_image_ids(1, side, side, device, torch.float32)}
+    shape = (seq_len, pipe.transformer.config.in_channels)
+    return Policy("flux", pipe.transformer.eval(), encode, decode, shape, device, dtype,
+                  text_encoders=_text_encoders(pipe), vae=vae, default_shift=shift, extra_inputs=ids)
+
+
+BACKENDS = {"StableDiffusion3Pipeline": sd3_policy, "FluxPipeline": flux_policy}
+
+
+def load_policy(model: str | None, device, mixed_precision: str = "bf16", resolution: int | None = None,
+                gradient_checkpointing: bool = False) -> Policy:
+    """--model None: the embedded shapes base; otherwise the diffusers pipeline at `model` (hub id or local
+    folder), SD3 or FLUX by the `_class_name` of its model_index.json."""
     if model is None:
         if resolution not in (None, 32):
             raise SystemExit("the shapes world is 32x32 pixels: leave --resolution unset without --model")
-        return shapes_policy(*load_shapes_base(), device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[mixed_precision]
-    if device.type == "cpu":
-        dtype = torch.float32  # half precision on the CPU is slow and inexact
-    return sd3_policy(model, device, dtype, resolution or 512)
+        policy = shapes_policy(*load_shapes_base(), device)
+    else:
+        from diffusers import DiffusionPipeline
+
+        try:
+            name = DiffusionPipeline.load_config(model)["_class_name"]
+        except (OSError, ValueError) as e:
+            raise _cannot_load(model, e) from None
+        if name not in BACKENDS:
+            raise SystemExit(f"--model {model!r} is a {name}; supported: {', '.join(BACKENDS)}")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[mixed_precision]
+        if device.type == "cpu":
+            dtype = torch.float32  # half precision on the CPU is slow and inexact
+        policy = BACKENDS[name](model, device, dtype, resolution or 512)
+    if gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    return policy
 
 
 def lora_targets(policy: Policy) -> list[str]:
-    return SHAPES_LORA_TARGETS if policy.backend == "shapes" else SD3_LORA_TARGETS
+    if policy.backend == "shapes":
+        return SHAPES_LORA_TARGETS
+    if policy.backend == "sd3":
+        return SD3_LORA_TARGETS
+    singles = [n for n, _ in policy.denoiser.named_modules()
+               if n.startswith("single_transformer_blocks.") and n.endswith(".proj_out")]
+    return FLUX_LORA_TARGETS + singles
 
 
 @contextlib.contextmanager

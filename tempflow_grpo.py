@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from common import (EMA, Logger, index_cond, load_checkpoint, load_policy, load_prompts, lora_targets, new_run_dir,
                     pick_device, rollout, save_checkpoint, save_grid, sde_step, seed_everything, sigma_schedule,
-                    evaluate)
+                    evaluate, weight_memory)
 from rewards import make_reward
 
 
@@ -37,7 +37,7 @@ from rewards import make_reward
 class Args:
     # ---- shared by every script (TRY NOT TO MODIFY: the same text in all five) ----
     model: str | None = None
-    """diffusers SD3 model (hub id or local folder); unset: the embedded shapes base, no download"""
+    """diffusers SD3 or FLUX pipeline (hub id or local folder); unset: the embedded shapes base, no download"""
     reward: str = "shapes"
     """reward name, or a weighted sum such as 'shapes:1.0,jpeg_compressibility:0.1'"""
     prompts: str | None = None
@@ -54,12 +54,14 @@ class Args:
     """sampling steps of training rollouts"""
     eval_num_steps: int = 20
     """ODE steps of evaluation (more than num_steps: the paper's denoising reduction)"""
-    shift: float = 3.0
-    """time shift of the sigma schedule (SD3.5's scheduler value)"""
+    shift: float | None = None
+    """time shift of the sigma schedule; unset: the model's own: 3.0 for shapes and SD3, FLUX's
+    resolution-dependent e^mu"""
     guidance: float = 1.0
-    """classifier-free guidance scale, in sampling, training and evaluation (1: no CFG, half the cost)"""
+    """guidance scale in sampling, training and evaluation; shapes / SD3: classifier-free (1: no CFG, half the
+    cost); FLUX: the distilled guidance embedding (FLUX.1-dev: 3.5 typical), one pass either way"""
     resolution: int | None = None
-    """image side in pixels (SD3 default 512); the shapes world is fixed at 32"""
+    """image side in pixels (SD3 / FLUX default 512); the shapes world is fixed at 32"""
     lr: float = 1e-4
     """AdamW learning rate"""
     weight_decay: float = 0.0
@@ -92,6 +94,12 @@ class Args:
     """run folder (or checkpoint file) to continue from"""
     track: bool = False
     """also log to Weights & Biases"""
+    gradient_checkpointing: bool = False
+    """recompute the denoiser's activations in the backward pass (less memory, about one more forward pass per update)"""
+    offload_text_encoders: bool = False
+    """encode every training and evaluation prompt once at start-up, then move the text encoders to the CPU"""
+    dry_run: bool = False
+    """load the model, print the batch arithmetic and the weight-memory estimate, and exit"""
     # ---- TempFlow-GRPO ----
     noise_level: float = 0.7
     """a in sigma_t = a sqrt(t / (1 - t)): the noise of the one SDE step each child takes"""
@@ -276,11 +284,23 @@ def main(args: Args) -> dict:
         raise SystemExit(f"--reward: {e}") from None
     train_prompts = load_prompts(args.prompts, "train")
     eval_prompts = load_prompts(args.eval_prompts, "eval")
-    policy = load_policy(args.model, device, args.mixed_precision, args.resolution)
+    policy = load_policy(args.model, device, args.mixed_precision, args.resolution, args.gradient_checkpointing)
+    if args.shift is None:
+        args.shift = policy.default_shift  # the model's own (FLUX: e^mu of its resolution); logged and saved resolved
     policy.add_lora(args.lora_rank, args.lora_alpha, lora_targets(policy))
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
     print(f"{policy.backend} on {device}: {sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.2f}M trainable "
-          f"parameters; {args.prompts_per_step} prompts x {args.group_size} images per iteration")
+          f"parameters; shift {args.shift:.3f}; per iteration {args.prompts_per_step} prompts x {args.group_size} images "
+          f"= {args.prompts_per_step * args.group_size} rollouts (the branching methods score more images), "
+          f"{args.minibatches} minibatches = up to {args.minibatches} optimiser steps; "
+          f"{args.steps} iterations = up to {args.steps * args.minibatches} optimiser steps")
+    if policy.backend != "shapes":
+        print(weight_memory(policy))
+    if args.dry_run:
+        print("--dry-run: exiting before training")
+        return {}
+    if args.offload_text_encoders:
+        policy.offload_text_encoders(train_prompts + eval_prompts)
     ema = EMA(policy.trainable_parameters(), args.ema_decay)
     state = init_state(policy, args)
     gen = torch.Generator(device=device).manual_seed(args.seed)

@@ -38,7 +38,9 @@ def setup(entry: str, seed: int):
     mod.check_args(args)
     seed_everything(seed)
     device = pick_device(args.device)
-    policy = load_policy(args.model, device, args.mixed_precision, args.resolution)
+    policy = load_policy(args.model, device, args.mixed_precision, args.resolution, args.gradient_checkpointing)
+    if args.shift is None:
+        args.shift = policy.default_shift
     policy.add_lora(args.lora_rank, args.lora_alpha, lora_targets(policy))
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
     return {"name": entry, "mod": mod, "args": args, "policy": policy, "opt": opt, "state": mod.init_state(policy, args),

@@ -22,6 +22,13 @@ def tiny_sd3_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    from tiny_flux import save_pipeline
+
+    return save_pipeline(tmp_path_factory.mktemp("tiny_flux"))
+
+
+@pytest.fixture(scope="session")
 def tiny_shapes_policy():
     """A shapes policy over a freshly built (random) UNet and text encoder."""
     import shapes

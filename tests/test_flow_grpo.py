@@ -84,7 +84,7 @@ def test_same_noise_shares_the_initial_state_within_groups(tiny_shapes_policy):
 
     import flow_grpo
 
-    args = flow_grpo.Args(group_size=3, num_steps=2, same_noise=True)
+    args = flow_grpo.Args(shift=3.0, group_size=3, num_steps=2, same_noise=True)
     batch = flow_grpo.sample_batch(tiny_shapes_policy, ["a circle", "two squares"], {}, args, torch.Generator().manual_seed(0))
     x1 = batch["latents"][:, 0]
     assert torch.equal(x1[0], x1[2]) and not torch.equal(x1[0], x1[3])
@@ -100,7 +100,7 @@ def test_advantages_and_policy_loss_direction(tiny_shapes_policy):
     from common import sde_step
 
     policy = tiny_shapes_policy
-    args = flow_grpo.Args(group_size=2, num_steps=3, minibatches=1, clip_range=10.0, lr=1e-3, guidance=1.0)
+    args = flow_grpo.Args(shift=3.0, group_size=2, num_steps=3, minibatches=1, clip_range=10.0, lr=1e-3, guidance=1.0)
     gen = torch.Generator().manual_seed(0)
     batch = flow_grpo.sample_batch(policy, ["a circle", "a square"], {}, args, gen)
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])

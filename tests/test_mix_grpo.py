@@ -108,7 +108,7 @@ def test_multi_reward_advantages_sum_or_mean_of_per_reward_zscores():
 @pytest.mark.parametrize("flash", [False, True])
 def test_sampling_shares_the_noise_and_trains_only_the_window(tiny_shapes_policy, flash):
     policy = tiny_shapes_policy
-    args = mix_grpo.Args(group_size=3, num_steps=6, window_size=2, window_interval=1, flash=flash, minibatches=1,
+    args = mix_grpo.Args(shift=3.0, group_size=3, num_steps=6, window_size=2, window_interval=1, flash=flash, minibatches=1,
                          beta=0.0)
     state = {"iteration": 2}  # progressive, tau = 1: the window is {2, 3}
     gen = torch.Generator().manual_seed(0)

@@ -45,7 +45,7 @@ def test_branch_steps_and_bad_arguments():
 
 def test_branching_children_share_the_main_ode_state(tiny_shapes_policy):
     policy = tiny_shapes_policy
-    args = tf.Args(group_size=3, seeds=2, num_steps=4, guidance=1.0)
+    args = tf.Args(shift=3.0, group_size=3, seeds=2, num_steps=4, guidance=1.0)
     prompts = ["a circle", "two squares"]
     batch = tf.sample_batch(policy, prompts, {}, args, torch.Generator().manual_seed(0))
     n, K, ks = 4, 3, [0, 1, 2]  # trajectories (2 prompts x 2 seeds), children, branching steps
@@ -90,7 +90,7 @@ def test_seed_and_prompt_group_advantages():
 
 
 def test_no_branching_is_flow_grpo_with_a_shared_seed(tiny_shapes_policy):
-    args = tf.Args(group_size=3, seeds=1, num_steps=3, branching=False, guidance=1.0)
+    args = tf.Args(shift=3.0, group_size=3, seeds=1, num_steps=3, branching=False, guidance=1.0)
     batch = tf.sample_batch(tiny_shapes_policy, ["a circle", "a square"], {}, args, torch.Generator().manual_seed(0))
     assert len(batch["images"]) == 6 and batch["next"].shape[:2] == (12, 1)  # 2 steps x 6 trajectories, 1 child
     x1 = batch["states"][:6]
@@ -103,7 +103,7 @@ def test_no_branching_is_flow_grpo_with_a_shared_seed(tiny_shapes_policy):
 @pytest.mark.parametrize("branching", [True, False])
 def test_on_policy_ratio_is_one_and_weights_scale_the_policy_term(tiny_shapes_policy, branching):
     policy = tiny_shapes_policy
-    args = tf.Args(group_size=2, num_steps=4, branch_steps=1, minibatches=1, beta=0.004, guidance=1.0,
+    args = tf.Args(shift=3.0, group_size=2, num_steps=4, branch_steps=1, minibatches=1, beta=0.004, guidance=1.0,
                    branching=branching)
     gen = torch.Generator().manual_seed(1)
     batch = tf.sample_batch(policy, ["a circle", "three triangles"], {}, args, gen)
@@ -147,7 +147,7 @@ def test_bad_arguments_fail_clearly(tmp_path, args, message):
 def test_update_raises_the_rewarded_childs_log_prob(tiny_shapes_policy):
     """Two children of one state, advantages +1 and -1: one step of the update widens their log-prob gap."""
     policy = tiny_shapes_policy
-    args = tf.Args(group_size=2, num_steps=3, branch_steps=1, minibatches=1, clip_range=10.0, beta=0.0, guidance=1.0)
+    args = tf.Args(shift=3.0, group_size=2, num_steps=3, branch_steps=1, minibatches=1, clip_range=10.0, beta=0.0, guidance=1.0)
     gen = torch.Generator().manual_seed(2)
     batch = tf.sample_batch(policy, ["two circles"], {}, args, gen)
     k, x, sig = int(batch["steps"][0]), batch["states"][:1].expand(2, -1, -1, -1), batch["sigmas"]
