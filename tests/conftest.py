@@ -38,3 +38,16 @@ def tiny_shapes_policy():
     tok = shapes.build_tokenizer()
     te = shapes.build_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     return shapes_policy(shapes.build_unet(), te, tok, torch.device("cpu"))
+
+
+@pytest.fixture
+def trainable_policy(tiny_shapes_policy):
+    """tiny_shapes_policy with every weight trainable (full fine-tuning, frozen reference copy) for one
+    test; its weights and frozen state are restored afterwards."""
+    policy = tiny_shapes_policy
+    saved = {n: p.detach().clone() for n, p in policy.denoiser.named_parameters()}
+    policy.add_lora(0, 0, [])
+    yield policy
+    policy.denoiser.requires_grad_(False)
+    policy.frozen_copy = None
+    policy.denoiser.load_state_dict(saved)

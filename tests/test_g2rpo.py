@@ -77,15 +77,14 @@ def test_branching_layout_and_bad_arguments(tiny_shapes_policy):
         g2rpo.Args(granularities=(0, 1))
 
 
-def test_one_forward_per_branching_state_one_step_per_k_and_on_policy_ratio(tiny_shapes_policy):
-    policy = tiny_shapes_policy
+def test_one_forward_per_branching_state_one_step_per_k_and_on_policy_ratio(trainable_policy):
+    policy = trainable_policy
     args = g2rpo.Args(shift=3.0, group_size=3, num_steps=4, branch_steps=(0, 1), granularities=(1, 2), minibatches=2,
                       guidance=1.0)
     gen = torch.Generator().manual_seed(1)
     batch = g2rpo.sample_batch(policy, ["a circle", "three triangles"], {}, args, gen)
     adv = torch.ones_like(batch["log_probs"])
     events = []
-    policy.add_lora(0, 0, [])
     velocity = policy.velocity
     policy.velocity = lambda x, sigma, *a: events.append((len(x), round(float(sigma), 4))) or velocity(x, sigma, *a)
     try:
@@ -94,8 +93,6 @@ def test_one_forward_per_branching_state_one_step_per_k_and_on_policy_ratio(tiny
         stats = g2rpo.train_on_batch(policy, opt, batch, adv, {}, args, gen)
     finally:
         del policy.velocity
-        policy.denoiser.requires_grad_(False)
-        policy.frozen_copy = None
     sig = [round(float(s), 4) for s in batch["sigmas"]]
     # per k: one pass over the 2 parent states (not 2 x 3 children), then the optimiser step; k in order
     assert events == [(2, sig[0]), "step", (2, sig[1]), "step"]
@@ -126,11 +123,11 @@ def test_bad_arguments_fail_clearly(tmp_path, args, message):
     assert proc.returncode != 0 and message in proc.stdout + proc.stderr, proc.stderr[-2000:]
 
 
-def test_update_raises_the_rewarded_childs_log_prob(tiny_shapes_policy):
+def test_update_raises_the_rewarded_childs_log_prob(trainable_policy):
     """Two children of one anchor state, advantages +1 and -1: one step of the update widens their log-prob gap."""
     from common import sde_step
 
-    policy = tiny_shapes_policy
+    policy = trainable_policy
     args = g2rpo.Args(shift=3.0, group_size=2, num_steps=3, granularities=(1,), minibatches=1, clip_range=10.0, guidance=1.0)
     gen = torch.Generator().manual_seed(2)
     batch = g2rpo.sample_batch(policy, ["two circles"], {}, args, gen)
@@ -142,17 +139,10 @@ def test_update_raises_the_rewarded_childs_log_prob(tiny_shapes_policy):
             lp = sde_step(x, v, sig[0], sig[1], 0.7, prev_sample=batch["next"][0]).log_prob
         return (lp[0] - lp[1]).item()
 
-    saved = {n: p.detach().clone() for n, p in policy.denoiser.named_parameters()}
-    policy.add_lora(0, 0, [])
-    try:
-        before = gap()
-        g2rpo.train_on_batch(policy, torch.optim.SGD(policy.trainable_parameters(), lr=1e-3), batch,
-                             torch.tensor([[1.0, -1.0]]), {}, args, gen)
-        assert gap() > before
-    finally:
-        policy.denoiser.requires_grad_(False)
-        policy.frozen_copy = None
-        policy.denoiser.load_state_dict(saved)
+    before = gap()
+    g2rpo.train_on_batch(policy, torch.optim.SGD(policy.trainable_parameters(), lr=1e-3), batch,
+                         torch.tensor([[1.0, -1.0]]), {}, args, gen)
+    assert gap() > before
 
 
 def test_equal_rewards_give_zero_advantage_despite_rounding():

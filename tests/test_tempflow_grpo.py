@@ -101,20 +101,14 @@ def test_no_branching_is_flow_grpo_with_a_shared_seed(tiny_shapes_policy):
 
 
 @pytest.mark.parametrize("branching", [True, False])
-def test_on_policy_ratio_is_one_and_weights_scale_the_policy_term(tiny_shapes_policy, branching):
-    policy = tiny_shapes_policy
+def test_on_policy_ratio_is_one_and_weights_scale_the_policy_term(trainable_policy, branching):
+    policy = trainable_policy
     args = tf.Args(shift=3.0, group_size=2, num_steps=4, branch_steps=1, minibatches=1, beta=0.004, guidance=1.0,
                    branching=branching)
     gen = torch.Generator().manual_seed(1)
     batch = tf.sample_batch(policy, ["a circle", "three triangles"], {}, args, gen)
     adv = torch.ones_like(batch["log_probs"])  # A = 1: the policy term is -w_k * rho
-    policy.add_lora(0, 0, [])
-    try:
-        opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)
-        stats = tf.train_on_batch(policy, opt, batch, adv, {}, args, gen)
-    finally:
-        policy.denoiser.requires_grad_(False)
-        policy.frozen_copy = None
+    stats = tf.train_on_batch(policy, torch.optim.SGD(policy.trainable_parameters(), lr=0.0), batch, adv, {}, args, gen)
     k = int(batch["steps"][0])
     w = tf.step_weights(batch["sigmas"], args)[k]
     assert abs(stats["train/ratio"] - 1) < 1e-4 and stats["train/clipfrac"] == 0, stats
@@ -144,9 +138,9 @@ def test_bad_arguments_fail_clearly(tmp_path, args, message):
     assert proc.returncode != 0 and message in proc.stdout + proc.stderr, proc.stderr[-2000:]
 
 
-def test_update_raises_the_rewarded_childs_log_prob(tiny_shapes_policy):
+def test_update_raises_the_rewarded_childs_log_prob(trainable_policy):
     """Two children of one state, advantages +1 and -1: one step of the update widens their log-prob gap."""
-    policy = tiny_shapes_policy
+    policy = trainable_policy
     args = tf.Args(shift=3.0, group_size=2, num_steps=3, branch_steps=1, minibatches=1, clip_range=10.0, beta=0.0, guidance=1.0)
     gen = torch.Generator().manual_seed(2)
     batch = tf.sample_batch(policy, ["two circles"], {}, args, gen)
@@ -158,14 +152,7 @@ def test_update_raises_the_rewarded_childs_log_prob(tiny_shapes_policy):
             lp = sde_step(x, v, sig[k], sig[k + 1], 0.7, prev_sample=batch["next"][0]).log_prob
         return (lp[0] - lp[1]).item()
 
-    saved = {n: p.detach().clone() for n, p in policy.denoiser.named_parameters()}
-    policy.add_lora(0, 0, [])
-    try:
-        before = gap()
-        tf.train_on_batch(policy, torch.optim.SGD(policy.trainable_parameters(), lr=1e-3), batch,
-                          torch.tensor([[1.0, -1.0]]), {}, args, gen)
-        assert gap() > before
-    finally:
-        policy.denoiser.requires_grad_(False)
-        policy.frozen_copy = None
-        policy.denoiser.load_state_dict(saved)
+    before = gap()
+    tf.train_on_batch(policy, torch.optim.SGD(policy.trainable_parameters(), lr=1e-3), batch,
+                      torch.tensor([[1.0, -1.0]]), {}, args, gen)
+    assert gap() > before
