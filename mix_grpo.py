@@ -135,6 +135,14 @@ class Args:
     minibatches: int = 2
     """optimiser steps per iteration: the batch is split into this many minibatches"""
 
+    def __post_init__(self):
+        if not 1 <= self.window_size <= self.num_steps:
+            raise SystemExit(f"--window-size {self.window_size}: it must be between 1 and --num-steps ({self.num_steps})")
+        if self.window_interval < 1 or self.window_stride < 0:
+            raise SystemExit("--window-interval must be >= 1 and --window-stride >= 0")
+        if self.flash_ratio is not None and not 0 < self.flash_ratio <= 1:
+            raise SystemExit(f"--flash-ratio {self.flash_ratio}: the fraction of steps kept must be in (0, 1]")
+
 
 # ------------------------------------------------------------------------------------------------
 # MixGRPO: the sliding window, the Flash solver, sampling, advantages, update
@@ -235,12 +243,6 @@ def compute_advantages(batch: dict, rewards: torch.Tensor, info: dict, args: Arg
 
 def init_state(policy, args: Args) -> dict:
     """The iteration counter that moves the window (saved in checkpoints, so a resumed run keeps its window)."""
-    if not 1 <= args.window_size <= args.num_steps:
-        raise SystemExit(f"--window-size {args.window_size}: it must be between 1 and --num-steps ({args.num_steps})")
-    if args.window_interval < 1 or args.window_stride < 0:
-        raise SystemExit("--window-interval must be >= 1 and --window-stride >= 0")
-    if args.flash_ratio is not None and not 0 < args.flash_ratio <= 1:
-        raise SystemExit(f"--flash-ratio {args.flash_ratio}: the fraction of steps kept must be in (0, 1]")
     return {"iteration": 0}
 
 
