@@ -45,6 +45,9 @@ class Args:
     """held-out evaluation prompts, one per line; unset: the shapes world's eval split"""
     steps: int = 100
     """training iterations (sample, score, update)"""
+    max_minutes: float = 0.0
+    """budget of training minutes (sampling, reward, update; evaluations excluded): stop after the iteration that
+    passes it, then evaluate and save (0: run every --steps)"""
     prompts_per_step: int = 8
     """distinct prompts sampled per iteration"""
     group_size: int = 8
@@ -233,7 +236,7 @@ def main(args: Args) -> dict:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     cpu_gen = torch.Generator().manual_seed(args.seed)
     prompt_rng = random.Random(args.seed)
-    start, wall_offset, samples = 0, 0.0, 0
+    start, wall_offset, samples, train_time = 0, 0.0, 0, 0.0
     run_dir = Path(args.resume) if args.resume else new_run_dir(args.out, Path(__file__).stem)
     if args.resume:
         ckpt = load_checkpoint(run_dir / "checkpoint.pt" if run_dir.is_dir() else run_dir)
@@ -245,7 +248,7 @@ def main(args: Args) -> dict:
         gen.set_state(ckpt["gen"])
         cpu_gen.set_state(ckpt["cpu_gen"])
         prompt_rng.setstate(ckpt["prompt_rng"])
-        start, wall_offset, samples = ckpt["step"], ckpt["wall_time"], ckpt["samples"]
+        start, wall_offset, samples, train_time = ckpt["step"], ckpt["wall_time"], ckpt["samples"], ckpt["train_time"]
         print(f"resumed {run_dir} at iteration {start}")
     logger = Logger(run_dir, asdict(args), args.track)
     t_start = time.time()
@@ -267,9 +270,9 @@ def main(args: Args) -> dict:
         save_checkpoint(run_dir / "checkpoint.pt", {
             "trainable": policy.trainable_state(), "optimizer": opt.state_dict(), "ema": ema.shadow, "state": state,
             "gen": gen.get_state(), "cpu_gen": cpu_gen.get_state(), "prompt_rng": prompt_rng.getstate(),
-            "step": step, "wall_time": wall(), "samples": samples, "args": asdict(args)})
+            "step": step, "wall_time": wall(), "samples": samples, "train_time": train_time, "args": asdict(args)})
 
-    last_eval = run_eval(start) if start == 0 else {}
+    last_eval, done = (run_eval(start) if start == 0 else {}), start
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=Path(__file__).stem)
     for step in bar:
         policy.clock.update(forward=0.0, backward=0.0)
@@ -284,20 +287,25 @@ def main(args: Args) -> dict:
         ema.update()
         t3 = time.time()
         samples += len(rewards)  # images scored so far (more than prompts x group for the branching methods)
+        train_time += t3 - t0  # seconds of sampling, scoring and training so far (no evaluations)
         metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
                    **{f"reward/{k}": v.nanmean().item() for k, v in info.items() if not v.isnan().all()},
                    "adv/abs_mean": adv.abs().mean().item(), **stats,
                    "time/sample": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
                    "time/forward": policy.clock["forward"], "time/backward": policy.clock["backward"],
-                   "samples": samples}
+                   "samples": samples, "train_time": train_time}
         logger.log(step + 1, metrics, wall_offset)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval=f"{last_eval.get('eval/score', float('nan')):.3f}")
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            last_eval = run_eval(step + 1)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            checkpoint(step + 1)
+        done = step + 1
+        out_of_time = args.max_minutes > 0 and train_time > args.max_minutes * 60
+        if done % args.eval_every == 0 or done == args.steps or out_of_time:
+            last_eval = run_eval(done)
+        if done % args.save_every == 0 or done == args.steps or out_of_time:
+            checkpoint(done)
+        if out_of_time:
+            break
     logger.close()
-    print(f"done: {args.steps} iterations in {wall() / 60:.1f} min; eval/score {last_eval.get('eval/score', float('nan')):.3f}, "
+    print(f"done: {done} iterations in {wall() / 60:.1f} min; eval/score {last_eval.get('eval/score', float('nan')):.3f}, "
           f"eval/strict {last_eval.get('eval/strict', float('nan')):.3f}; run folder {run_dir}")
     return last_eval
 

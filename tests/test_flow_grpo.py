@@ -120,3 +120,17 @@ def test_advantages_and_policy_loss_direction(trainable_policy):
     before = surrogate()
     flow_grpo.train_on_batch(policy, opt, batch, adv, {}, args, gen)
     assert surrogate() > before
+
+
+def test_time_budget_stops_evaluates_and_saves(tmp_path):
+    out = tmp_path / "run"
+    proc = run("flow_grpo.py", *TINY[2:], "--steps", "5", "--max-minutes", "1e-6", "--out", str(out))
+    assert "done: 1 iterations" in proc.stdout
+    recs = records(out)
+    assert [r["step"] for r in recs if "eval/score" in r] == [0, 1]
+    train = [r for r in recs if "reward/mean" in r]
+    assert len(train) == 1 and train[0]["train_time"] == pytest.approx(
+        train[0]["time/sample"] + train[0]["time/reward"] + train[0]["time/train"], rel=1e-6)
+    import torch
+
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 1
