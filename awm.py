@@ -99,6 +99,9 @@ class Args:
     """also log to Weights & Biases"""
     gradient_checkpointing: bool = False
     """recompute the denoiser's activations in the backward pass (less memory, about one more forward pass per update)"""
+    micro_batch: int = 0
+    """denoiser inputs per forward/backward pass of the update, gradients accumulated (the same update in less
+    memory; the branching methods count parent states); 0: the whole minibatch at once"""
     offload_text_encoders: bool = False
     """encode every training and evaluation prompt once at start-up, then move the text encoders to the CPU"""
     dry_run: bool = False
@@ -182,13 +185,26 @@ def weighted_error(mse: torch.Tensor, t: torch.Tensor, args: Args) -> torch.Tens
     return t * ((mse + 1e-10) ** p - 1e-10**p) / p
 
 
-def awm_loss(policy, cond: dict, x0: torch.Tensor, adv: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-             args: Args) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean_i A_i L_i(t) on x_t = (1 - t) x0 + t eps: the flow-matching pre-training loss, re-weighted by the
-    advantage (A = 1 everywhere is pre-training on the model's own samples). The reference writes this as a
-    PPO ratio exp(-L + L.detach()), which is 1 on-policy; its gradient is the same. Returns (loss, v_theta)."""
-    v = policy.velocity((1 - t) * x0 + t * noise, t, cond, args.guidance)
-    return (adv * weighted_error(flow_matching_loss(v, x0, noise), t, args)).mean(), v
+def awm_terms(policy, cond: dict, x0: torch.Tensor, adv: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+              state: dict, args: Args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample on x_t = (1 - t) x0 + t eps: A_i L_i(t), the flow-matching pre-training loss re-weighted by the
+    advantage (A = 1 everywhere is pre-training on the model's own samples), and the velocity regularisers
+    ||v_theta - v_ref||^2 and ||v_theta - v_ema||^2. The reference writes the first as a PPO ratio
+    exp(-L + L.detach()), which is 1 on-policy; its gradient is the same."""
+    x_t = (1 - t) * x0 + t * noise
+    dims = tuple(range(1, x0.ndim))
+    with torch.no_grad():  # the same x_t for v_theta, v_ref and v_ema (before any graph is built)
+        if args.beta > 0:
+            with policy.reference():
+                v_ref = policy.velocity(x_t, t, cond, args.guidance)
+        if args.ema_kl_beta > 0:
+            with swapped_params(policy.trainable_parameters(), state["anchor"]):
+                v_ema = policy.velocity(x_t, t, cond, args.guidance)
+    v = policy.velocity(x_t, t, cond, args.guidance)
+    zero = torch.zeros(len(x0), device=x0.device)
+    kl = ((v - v_ref).float() ** 2).mean(dims) if args.beta > 0 else zero
+    kl_ema = ((v - v_ema).float() ** 2).mean(dims) if args.ema_kl_beta > 0 else zero
+    return adv * weighted_error(flow_matching_loss(v, x0, noise), t, args), kl, kl_ema
 
 
 def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, args: Args,
@@ -203,26 +219,18 @@ def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, arg
         opt.zero_grad(set_to_none=True)
         for t in ts:
             noise = torch.randn(x0.shape, generator=gen).to(x0.device)  # fresh eps per (sample, t)
-            x_t = (1 - t) * x0 + t * noise
-            with torch.no_grad():  # the same x_t for v_theta, v_ref and v_ema (before any graph is built)
-                if args.beta > 0:
-                    with policy.reference():
-                        v_ref = policy.velocity(x_t, t, cond, args.guidance)
-                if args.ema_kl_beta > 0:
-                    with swapped_params(params, state["anchor"]):
-                        v_ema = policy.velocity(x_t, t, cond, args.guidance)
-            policy_loss, v = awm_loss(policy, cond, x0, a, t, noise, args)
-            kl = ((v - v_ref) ** 2).mean() if args.beta > 0 else torch.zeros(())
-            kl_ema = ((v - v_ema) ** 2).mean() if args.ema_kl_beta > 0 else torch.zeros(())
-            loss = (policy_loss + args.beta * kl + args.ema_kl_beta * kl_ema) / len(ts)
-            if not torch.isfinite(loss):
-                stats["train/skipped"] += 1
-                continue
-            policy.backward(loss)
-            stats["loss/policy"] += policy_loss.item()
-            stats["loss/kl"] += kl.item()
-            stats["loss/kl_ema"] += kl_ema.item()
-            count += 1
+            for rows in torch.arange(len(mb)).split(args.micro_batch or len(mb)):  # micro-batches: same gradient
+                policy_loss, kl, kl_ema = awm_terms(policy, index_cond(cond, rows), x0[rows], a[rows], t, noise[rows],
+                                                    state, args)
+                loss = (policy_loss + args.beta * kl + args.ema_kl_beta * kl_ema).sum() / (len(mb) * len(ts))
+                if not torch.isfinite(loss):
+                    stats["train/skipped"] += 1
+                    continue
+                policy.backward(loss)
+                stats["loss/policy"] += policy_loss.sum().item()
+                stats["loss/kl"] += kl.sum().item()
+                stats["loss/kl_ema"] += kl_ema.sum().item()
+                count += len(rows)
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         opt.step()
         state["updates"] += 1
@@ -240,6 +248,8 @@ def check_args(args: Args) -> None:
         raise SystemExit("--prompts-per-step >= 1, --steps >= 0 and --num-steps >= 2 are required")
     if args.minibatches < 1 or args.minibatches > args.prompts_per_step * args.group_size:
         raise SystemExit(f"--minibatches must be between 1 and the batch size ({args.prompts_per_step * args.group_size})")
+    if args.micro_batch < 0:
+        raise SystemExit(f"--micro-batch {args.micro_batch}: use a positive size, or 0 for the whole minibatch at once")
 
 
 def main(args: Args) -> dict:
@@ -262,7 +272,8 @@ def main(args: Args) -> dict:
     print(f"{policy.backend} on {device}: {sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.2f}M trainable "
           f"parameters; shift {args.shift:.3f}; per iteration {args.prompts_per_step} prompts x {args.group_size} images "
           f"= {args.prompts_per_step * args.group_size} rollouts (the branching methods score more images), "
-          f"{args.minibatches} minibatches = up to {args.minibatches} optimiser steps; "
+          f"{args.minibatches} minibatches = up to {args.minibatches} optimiser steps"
+          f"{f' in micro-batches of {args.micro_batch}' if args.micro_batch else ''}; "
           f"{args.steps} iterations = up to {args.steps * args.minibatches} optimiser steps")
     if policy.backend != "shapes":
         print(weight_memory(policy))

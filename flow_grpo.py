@@ -98,6 +98,9 @@ class Args:
     """also log to Weights & Biases"""
     gradient_checkpointing: bool = False
     """recompute the denoiser's activations in the backward pass (less memory, about one more forward pass per update)"""
+    micro_batch: int = 0
+    """denoiser inputs per forward/backward pass of the update, gradients accumulated (the same update in less
+    memory; the branching methods count parent states); 0: the whole minibatch at once"""
     offload_text_encoders: bool = False
     """encode every training and evaluation prompt once at start-up, then move the text encoders to the CPU"""
     dry_run: bool = False
@@ -149,6 +152,24 @@ def init_state(policy, args: Args) -> dict:
     return {}
 
 
+def ppo_terms(policy, batch: dict, rows: torch.Tensor, j: int, a: torch.Tensor, args: Args):
+    """Per image of `rows` at step j: the clipped policy term max(-A r, -A clip(r)), the KL to the reference and the
+    ratio r = pi_theta(x_{j+1} | x_j) / pi_old(x_{j+1} | x_j)."""
+    sig, cond = batch["sigmas"], index_cond(batch["cond"], rows)
+    x, x_next = batch["latents"][rows, j], batch["latents"][rows, j + 1]
+    step = sde_step(x, policy.velocity(x, sig[j], cond, args.guidance), sig[j], sig[j + 1], args.noise_level,
+                    prev_sample=x_next)
+    ratio = torch.exp(step.log_prob - batch["log_probs"][rows, j])
+    clipped = torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
+    kl = torch.zeros_like(ratio)
+    if args.beta > 0:  # KL of two Gaussians with the same std: ||mu - mu_ref||^2 / (2 std^2)
+        with torch.no_grad(), policy.reference():
+            v_ref = policy.velocity(x, sig[j], cond, args.guidance)
+        mean_ref = sde_step(x, v_ref, sig[j], sig[j + 1], args.noise_level, prev_sample=x_next).mean
+        kl = ((step.mean - mean_ref) ** 2).mean(dim=tuple(range(1, x.ndim))) / (2 * step.std.flatten() ** 2)
+    return torch.maximum(-a * ratio, -a * clipped), kl, ratio
+
+
 def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, args: Args,
                    gen: torch.Generator) -> dict:
     """PPO-clipped policy gradient over the trained steps, one optimiser step per minibatch."""
@@ -156,35 +177,23 @@ def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, arg
     # the first int(T * fraction) steps, as the reference trains them; the last step (sigma ~ 0.01 -> 0)
     # is sampled but never trained
     steps = range(max(1, min(args.num_steps - 1, int(args.num_steps * args.timestep_fraction))))
-    sig = batch["sigmas"]
     stats = {"loss/policy": 0.0, "loss/kl": 0.0, "train/clipfrac": 0.0, "train/ratio": 0.0, "train/skipped": 0}
-    count = 0
+    count = 0  # (image, step) pairs trained; the statistics are sums over them
     for mb in torch.randperm(n, generator=gen).chunk(args.minibatches):
-        cond, a = index_cond(batch["cond"], mb), adv[mb].to(policy.device)
         opt.zero_grad(set_to_none=True)
         for j in steps:
-            x, x_next = batch["latents"][mb, j], batch["latents"][mb, j + 1]
-            step = sde_step(x, policy.velocity(x, sig[j], cond, args.guidance), sig[j], sig[j + 1],
-                            args.noise_level, prev_sample=x_next)
-            ratio = torch.exp(step.log_prob - batch["log_probs"][mb, j])
-            clipped = torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
-            policy_loss = torch.maximum(-a * ratio, -a * clipped).mean()
-            kl = torch.zeros(())
-            if args.beta > 0:  # KL of two Gaussians with the same std: ||mu - mu_ref||^2 / (2 std^2)
-                with torch.no_grad(), policy.reference():
-                    v_ref = policy.velocity(x, sig[j], cond, args.guidance)
-                mean_ref = sde_step(x, v_ref, sig[j], sig[j + 1], args.noise_level, prev_sample=x_next).mean
-                kl = (((step.mean - mean_ref) ** 2).mean(dim=tuple(range(1, x.ndim))) / (2 * step.std.flatten() ** 2)).mean()
-            loss = (policy_loss + args.beta * kl) / len(steps)
-            if not torch.isfinite(loss):
-                stats["train/skipped"] += 1
-                continue
-            policy.backward(loss)
-            stats["loss/policy"] += policy_loss.item()
-            stats["loss/kl"] += kl.item()
-            stats["train/clipfrac"] += ((ratio - 1).abs() > args.clip_range).float().mean().item()
-            stats["train/ratio"] += ratio.mean().item()
-            count += 1
+            for rows in mb.split(args.micro_batch or len(mb)):  # micro-batches: the same gradient, accumulated
+                policy_loss, kl, ratio = ppo_terms(policy, batch, rows, j, adv[rows].to(policy.device), args)
+                loss = (policy_loss + args.beta * kl).sum() / (len(mb) * len(steps))  # mean over minibatch, steps
+                if not torch.isfinite(loss):
+                    stats["train/skipped"] += 1
+                    continue
+                policy.backward(loss)
+                stats["loss/policy"] += policy_loss.sum().item()
+                stats["loss/kl"] += kl.sum().item()
+                stats["train/clipfrac"] += ((ratio - 1).abs() > args.clip_range).float().sum().item()
+                stats["train/ratio"] += ratio.sum().item()
+                count += len(rows)
         torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
         opt.step()
     return {k: (v / max(count, 1) if k != "train/skipped" else v) for k, v in stats.items()}
@@ -200,6 +209,8 @@ def check_args(args: Args) -> None:
         raise SystemExit("--prompts-per-step >= 1, --steps >= 0 and --num-steps >= 2 are required")
     if args.minibatches < 1 or args.minibatches > args.prompts_per_step * args.group_size:
         raise SystemExit(f"--minibatches must be between 1 and the batch size ({args.prompts_per_step * args.group_size})")
+    if args.micro_batch < 0:
+        raise SystemExit(f"--micro-batch {args.micro_batch}: use a positive size, or 0 for the whole minibatch at once")
 
 
 def main(args: Args) -> dict:
@@ -222,7 +233,8 @@ def main(args: Args) -> dict:
     print(f"{policy.backend} on {device}: {sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.2f}M trainable "
           f"parameters; shift {args.shift:.3f}; per iteration {args.prompts_per_step} prompts x {args.group_size} images "
           f"= {args.prompts_per_step * args.group_size} rollouts (the branching methods score more images), "
-          f"{args.minibatches} minibatches = up to {args.minibatches} optimiser steps; "
+          f"{args.minibatches} minibatches = up to {args.minibatches} optimiser steps"
+          f"{f' in micro-batches of {args.micro_batch}' if args.micro_batch else ''}; "
           f"{args.steps} iterations = up to {args.steps * args.minibatches} optimiser steps")
     if policy.backend != "shapes":
         print(weight_memory(policy))

@@ -99,6 +99,9 @@ class Args:
     """also log to Weights & Biases"""
     gradient_checkpointing: bool = False
     """recompute the denoiser's activations in the backward pass (less memory, about one more forward pass per update)"""
+    micro_batch: int = 0
+    """denoiser inputs per forward/backward pass of the update, gradients accumulated (the same update in less
+    memory; the branching methods count parent states); 0: the whole minibatch at once"""
     offload_text_encoders: bool = False
     """encode every training and evaluation prompt once at start-up, then move the text encoders to the CPU"""
     dry_run: bool = False
@@ -196,12 +199,32 @@ def init_state(policy, args: Args) -> dict:
     return {}
 
 
+def child_terms(policy, batch: dict, nodes: torch.Tensor, adv: torch.Tensor, k: int, args: Args):
+    """Per child of the parent states `nodes` (all at step k): the clipped policy term max(-A r, -A clip(r)), the
+    KL to the reference and the ratio r of its one SDE transition. One velocity pass per parent serves its children."""
+    sig, c = batch["sigmas"], adv.shape[1]
+    x, x_next = batch["states"][nodes], batch["next"][nodes].flatten(0, 1)
+    cond, xs = index_cond(batch["cond"], batch["prompt"][nodes]), x.repeat_interleave(c, 0)
+    v = policy.velocity(x, sig[k], cond, args.guidance)  # once per shared x_k, broadcast to its c children
+    step = sde_step(xs, v.repeat_interleave(c, 0), sig[k], sig[k + 1], args.noise_level, prev_sample=x_next)
+    ratio = torch.exp(step.log_prob - batch["log_probs"][nodes].flatten())
+    a = adv[nodes].flatten().to(policy.device)
+    clipped = torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
+    kl = torch.zeros_like(ratio)
+    if args.beta > 0:  # KL of two Gaussians with the same std: ||mu - mu_ref||^2 / (2 std^2)
+        with torch.no_grad(), policy.reference():
+            v_ref = policy.velocity(x, sig[k], cond, args.guidance).repeat_interleave(c, 0)
+        mean_ref = sde_step(xs, v_ref, sig[k], sig[k + 1], args.noise_level, prev_sample=x_next).mean
+        kl = ((step.mean - mean_ref) ** 2).mean(dim=tuple(range(1, x.ndim))) / (2 * step.std.flatten() ** 2)
+    return torch.maximum(-a * ratio, -a * clipped), kl, ratio
+
+
 def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, args: Args,
                    gen: torch.Generator) -> dict:
     """PPO-clipped update of each child's one stochastic transition; one velocity evaluation per shared parent
     state serves all its children. Parents whose children all have advantage 0 are skipped. One optimiser step
     per minibatch of consecutive branching steps, in order of k (one per k: the reference)."""
-    sig, c = batch["sigmas"], adv.shape[1]
+    c = adv.shape[1]
     keep = adv.ne(0).any(1).nonzero().flatten()  # parents with some signal
     stats = {"loss/policy": 0.0, "loss/kl": 0.0, "train/clipfrac": 0.0, "train/ratio": 0.0}  # sums over children
     count, skipped = 0, 0
@@ -209,31 +232,18 @@ def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, arg
         mb = keep[torch.isin(batch["steps"][keep], ks)]
         opt.zero_grad(set_to_none=True)
         for k in batch["steps"][mb].unique().tolist():
-            nodes = mb[batch["steps"][mb] == k]
-            x, x_next = batch["states"][nodes], batch["next"][nodes].flatten(0, 1)
-            cond, xs = index_cond(batch["cond"], batch["prompt"][nodes]), x.repeat_interleave(c, 0)
-            v = policy.velocity(x, sig[k], cond, args.guidance)  # once per shared x_k, broadcast to its c children
-            step = sde_step(xs, v.repeat_interleave(c, 0), sig[k], sig[k + 1], args.noise_level, prev_sample=x_next)
-            ratio = torch.exp(step.log_prob - batch["log_probs"][nodes].flatten())
-            a = adv[nodes].flatten().to(policy.device)
-            clipped = torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
-            policy_loss = torch.maximum(-a * ratio, -a * clipped)
-            kl = torch.zeros_like(policy_loss)
-            if args.beta > 0:  # KL of two Gaussians with the same std: ||mu - mu_ref||^2 / (2 std^2)
-                with torch.no_grad(), policy.reference():
-                    v_ref = policy.velocity(x, sig[k], cond, args.guidance).repeat_interleave(c, 0)
-                mean_ref = sde_step(xs, v_ref, sig[k], sig[k + 1], args.noise_level, prev_sample=x_next).mean
-                kl = ((step.mean - mean_ref) ** 2).mean(dim=tuple(range(1, x.ndim))) / (2 * step.std.flatten() ** 2)
-            loss = (policy_loss + args.beta * kl).sum() / (len(mb) * c)  # the mean over the minibatch's children
-            if not torch.isfinite(loss):
-                skipped += 1
-                continue
-            policy.backward(loss)
-            stats["loss/policy"] += policy_loss.sum().item()
-            stats["loss/kl"] += kl.sum().item()
-            stats["train/clipfrac"] += ((ratio - 1).abs() > args.clip_range).float().sum().item()
-            stats["train/ratio"] += ratio.sum().item()
-            count += len(ratio)
+            for nodes in mb[batch["steps"][mb] == k].split(args.micro_batch or len(mb)):  # micro-batches of parents
+                policy_loss, kl, ratio = child_terms(policy, batch, nodes, adv, k, args)
+                loss = (policy_loss + args.beta * kl).sum() / (len(mb) * c)  # the mean over the minibatch's children
+                if not torch.isfinite(loss):
+                    skipped += 1
+                    continue
+                policy.backward(loss)
+                stats["loss/policy"] += policy_loss.sum().item()
+                stats["loss/kl"] += kl.sum().item()
+                stats["train/clipfrac"] += ((ratio - 1).abs() > args.clip_range).float().sum().item()
+                stats["train/ratio"] += ratio.sum().item()
+                count += len(ratio)
         torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
         opt.step()
     return {**{k: v / max(count, 1) for k, v in stats.items()}, "train/skipped": skipped,
@@ -250,6 +260,8 @@ def check_args(args: Args) -> None:
         raise SystemExit("--prompts-per-step >= 1, --steps >= 0 and --num-steps >= 2 are required")
     if args.minibatches < 1 or args.minibatches > args.prompts_per_step * args.group_size:
         raise SystemExit(f"--minibatches must be between 1 and the batch size ({args.prompts_per_step * args.group_size})")
+    if args.micro_batch < 0:
+        raise SystemExit(f"--micro-batch {args.micro_batch}: use a positive size, or 0 for the whole minibatch at once")
 
 
 def main(args: Args) -> dict:
@@ -272,7 +284,8 @@ def main(args: Args) -> dict:
     print(f"{policy.backend} on {device}: {sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.2f}M trainable "
           f"parameters; shift {args.shift:.3f}; per iteration {args.prompts_per_step} prompts x {args.group_size} images "
           f"= {args.prompts_per_step * args.group_size} rollouts (the branching methods score more images), "
-          f"{args.minibatches} minibatches = up to {args.minibatches} optimiser steps; "
+          f"{args.minibatches} minibatches = up to {args.minibatches} optimiser steps"
+          f"{f' in micro-batches of {args.micro_batch}' if args.micro_batch else ''}; "
           f"{args.steps} iterations = up to {args.steps * args.minibatches} optimiser steps")
     if policy.backend != "shapes":
         print(weight_memory(policy))

@@ -104,12 +104,13 @@ def check_config(args: Args) -> None:
 
 
 def progress(run_dir: Path, args: Args) -> float:
-    """Fraction of a run done, read from the last line of its metrics.jsonl."""
+    """Fraction of a run done, read from the last training record of its metrics.jsonl."""
     if (run_dir / "DONE").is_file():
         return 1.0
     try:
-        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    except (OSError, IndexError, ValueError):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        last = next(json.loads(line) for line in reversed(lines) if '"train_time"' in line)
+    except (OSError, StopIteration, ValueError):
         return 0.0
     frac = last["step"] / args.iterations
     if args.minutes:
@@ -235,6 +236,15 @@ def minutes_to(evals: list[dict], target: float) -> float | None:
     return hit["train_time"] / 60 if hit else None
 
 
+def median_reach(reach: list[float | None]) -> float | None:
+    """Median minutes to the target over seeds, a seed that never reached it counting as later than any that did:
+    defined when more than half of the seeds reached it, None otherwise."""
+    ordered = sorted(reach, key=lambda m: float("inf") if m is None else m)
+    n = len(ordered)
+    mid = ordered[(n - 1) // 2: n // 2 + 1]
+    return None if None in mid else statistics.fmean(mid)
+
+
 def summarize(runs: dict, v: str, target: float) -> dict:
     seeds = [(ev, tr) for (var, _), (ev, tr) in runs.items() if var == v]
     mean = statistics.fmean
@@ -243,7 +253,6 @@ def summarize(runs: dict, v: str, target: float) -> dict:
         return f"{mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
     reach = [minutes_to(ev, target) for ev, _ in seeds]
-    hit = [m for m in reach if m is not None]
     sec = {k: statistics.median(r[f"time/{k}"] for _, tr in seeds for r in tr) for k in ("sample", "reward", "train")}
     return {"n": len(seeds), "its": statistics.median(tr[-1]["step"] for _, tr in seeds),
             "base": mean(ev[0]["eval/score"] for ev, _ in seeds),
@@ -252,7 +261,7 @@ def summarize(runs: dict, v: str, target: float) -> dict:
             "best": mean(max(r["eval/score"] for r in ev) for ev, _ in seeds),
             "strict": spread([ev[-1]["eval/strict"] for ev, _ in seeds]),
             "cats": {c: mean(ev[-1].get(f"eval/strict/{c}", float("nan")) for ev, _ in seeds) for c in CATEGORIES},
-            "reach": statistics.median(hit) if len(hit) == len(seeds) else None, "hit": len(hit),
+            "reach": median_reach(reach), "hit": sum(m is not None for m in reach),
             "sec": sec, "s_it": sum(sec.values()),
             "img_it": statistics.median(tr[-1]["samples"] / tr[-1]["step"] for _, tr in seeds)}
 
@@ -268,11 +277,12 @@ def table(runs: dict, variants: list[str], target: float) -> str:
         return f"{s['final_mean'] - base['final_mean']:+.3f}", faster, f"{s['s_it'] / base['s_it']:.2f}"
 
     lines = [f"| variant | seeds | iterations | eval: base → final (mean ± sd) | Δ final vs Flow-GRPO | best | "
-             f"strict, final | training minutes to {target} (median) | speed-up to {target} vs Flow-GRPO | "
+             f"strict, final | seeds that reached {target}, median training minutes | "
+             f"speed-up to {target} vs Flow-GRPO | "
              "s/it: sample / reward / train | s/it vs Flow-GRPO | images / it |", "| --- " * 12 + "|"]
     for v, s in rows.items():
         delta, faster, cost = ratio(s)
-        reach = f"{s['reach']:.1f}" if s["reach"] is not None else f"{s['hit']}/{s['n']} seeds reached"
+        reach = f"{s['hit']}/{s['n']} reached" + (f", {s['reach']:.1f}" if s["reach"] is not None else "")
         sec = s["sec"]
         lines.append(f"| {VARIANTS[v][0]} | {s['n']} | {s['its']:.0f} | {s['base']:.3f} → {s['final']} | {delta} | "
                      f"{s['best']:.3f} | {s['strict']} | {reach} | {faster} | {s['s_it']:.2f}: {sec['sample']:.2f} / "

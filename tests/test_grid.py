@@ -88,3 +88,10 @@ def test_minutes_to_target_uses_training_time():
     evals = [{"eval/score": 0.6, "train_time": 0.0}, {"eval/score": 0.66, "train_time": 90.0},
              {"eval/score": 0.7, "train_time": 180.0}]
     assert grid.minutes_to(evals, 0.65) == 1.5 and grid.minutes_to(evals, 0.8) is None
+
+
+def test_median_reach_counts_unreached_seeds_as_last():
+    assert grid.median_reach([3.0, None, 1.0]) == 3.0  # 1.0, 3.0, never: the middle seed reached at 3.0
+    assert grid.median_reach([2.0, None, None]) is None  # the median seed never reached
+    assert grid.median_reach([4.0, 1.0, None, 2.0]) == 3.0  # even count: mean of the middle two
+    assert grid.median_reach([4.0, None, None, 2.0]) is None
