@@ -317,8 +317,8 @@ def main(args: Args) -> dict:
         if out_of_time:
             break
     logger.close()
-    print(f"done: {done} iterations in {wall() / 60:.1f} min; eval/score {last_eval.get('eval/score', float('nan')):.3f}, "
-          f"eval/strict {last_eval.get('eval/strict', float('nan')):.3f}; run folder {run_dir}")
+    scores = ", ".join(f"{k} {last_eval[k]:.3f}" for k in ("eval/score", "eval/strict") if k in last_eval)
+    print(f"done: {done} iterations in {wall() / 60:.1f} min; {scores}; run folder {run_dir}")
     return last_eval
 
 

@@ -45,7 +45,7 @@ def tiny_args(module, model, tmp_path, **extra):
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
 @pytest.mark.parametrize("backend", ["flux", "sd3"])
-def test_every_script_runs_on_tiny_pipelines(script, backend, tmp_path, tiny_flux_dir, tiny_sd3_dir):
+def test_every_script_runs_on_tiny_pipelines(script, backend, tmp_path, tiny_flux_dir, tiny_sd3_dir, capsys):
     module, extra = SCRIPTS[script]
     model = tiny_flux_dir if backend == "flux" else tiny_sd3_dir
     guidance = 3.5 if backend == "flux" else 1.0
@@ -56,6 +56,9 @@ def test_every_script_runs_on_tiny_pipelines(script, backend, tmp_path, tiny_flu
     train = [r for r in recs if "reward/mean" in r]
     assert len(train) == 1 and math.isfinite(train[0]["reward/mean"]) and train[0]["time/backward"] > 0
     assert [r["step"] for r in recs if "eval/score" in r] == [0, 1]
+    # a reward without strict accuracy: the summary line shows the score and no "eval/strict nan"
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done:")]
+    assert len(done) == 1 and "eval/score" in done[0] and "strict" not in done[0] and "nan" not in done[0]
 
 
 def test_flux_resolves_its_shift_and_resumes(tmp_path, tiny_flux_dir):

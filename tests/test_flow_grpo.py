@@ -30,7 +30,7 @@ def records(run_dir):
 def test_runs_on_shapes_and_resumes(tmp_path):
     out = tmp_path / "run"
     proc = run("flow_grpo.py", *TINY, "--out", str(out), "--beta", "0.04")
-    assert "done: 2 iterations" in proc.stdout
+    assert "done: 2 iterations" in proc.stdout and "eval/score" in proc.stdout and "eval/strict" in proc.stdout
     recs = records(out)
     train = [r for r in recs if "reward/mean" in r]
     evals = [r for r in recs if "eval/score" in r]
