@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from common import (EMA, Logger, ema_update, evaluate, flow_matching_loss, group_advantages, index_cond,
                     load_checkpoint, load_policy, load_prompts, lora_targets, new_run_dir, pick_device, rollout,
-                    save_checkpoint, save_grid, seed_everything, sigma_schedule, swapped_params, weight_memory)
+                    save_checkpoint, save_grid, seed_everything, swapped_params, weight_memory)
 from rewards import make_reward
 
 
@@ -149,7 +149,7 @@ def sample_batch(policy, prompts: list[str], state: dict, args: Args, gen: torch
     """G images per prompt (ODE, or SDE inside the window); only the final x0 is used for training."""
     all_prompts = [p for p in prompts for _ in range(args.group_size)]
     cond = policy.encode(all_prompts)
-    sigmas = sigma_schedule(args.num_steps, args.shift)
+    sigmas = policy.sigmas(args.num_steps, args.shift)
     out = rollout(policy, cond, policy.noise(len(all_prompts), gen), sigmas, noise_levels(sigmas, args),
                   args.guidance, gen)
     x0 = out.latents[:, -1]

@@ -53,16 +53,14 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # The sampler: sigma schedule, SDE step with log-prob, rollout
 # ----------------------------------------------------------------------------------------------
-def sigma_schedule(num_steps: int, shift: float) -> torch.Tensor:
-    """num_steps + 1 sigmas from 1 down to 0: diffusers' FlowMatchEulerDiscreteScheduler(shift=shift)
-    sigmas after set_timesteps(num_steps), plus the final 0.
+def sigma_schedule(num_steps: int, shift: float, spacing: str = "sd3") -> torch.Tensor:
+    """num_steps + 1 sigmas from 1 down to 0, as the model's diffusers pipeline spaces them, plus the final 0.
 
-    The scheduler spaces timesteps linearly between sigma_max = 1 and its shifted sigma_min, and shifts
-    them once more: s -> shift * s / (1 + (shift - 1) * s).
-
-    Every backend uses this SD3 spacing. FLUX's pipeline instead passes linspace(1, 1/T, T) before the
-    shift (with shift = e^mu); the shift itself matches FLUX (Policy.default_shift), the spacing of the
-    unshifted grid does not: e.g. T = 10, shift 3: last nonzero sigma 0.0089 here, 0.25 in FluxPipeline."""
+    Both spacings end with the shift s -> shift * s / (1 + (shift - 1) * s) (FLUX: shift = e^mu). Before it:
+    - "sd3" (SD3 and shapes): FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps) spaces
+      sigmas linearly between 1 and its shifted sigma_min (training ends at t = 1/1000), then shifts them;
+    - "flux": FluxPipeline hands the scheduler linspace(1, 1/T, T), so the last nonzero sigma is much larger
+      (T = 10, shift 3: 0.25 against 0.0089)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if shift is None:
@@ -71,8 +69,12 @@ def sigma_schedule(num_steps: int, shift: float) -> torch.Tensor:
     def shifted(s):
         return shift * s / (1 + (shift - 1) * s)
 
-    s_min = shifted(np.float64(1.0 / 1000))  # the scheduler's training sigmas end at t = 1/1000
-    s = shifted(np.linspace(1.0, s_min, num_steps, dtype=np.float64))
+    if spacing == "sd3":
+        s = shifted(np.linspace(1.0, shifted(np.float64(1.0 / 1000)), num_steps, dtype=np.float64))
+    elif spacing == "flux":
+        s = shifted(np.linspace(1.0, 1.0 / num_steps, num_steps, dtype=np.float64))
+    else:
+        raise ValueError(f"unknown sigma spacing {spacing!r}; known: sd3, flux")
     return torch.tensor(np.append(s, 0.0), dtype=torch.float32)
 
 
@@ -185,8 +187,9 @@ class Policy:
 
     Trainable parameters are LoRA adapters (peft) on the denoiser, or the whole denoiser when
     lora_rank == 0. `reference()` gives the frozen base: the adapters disabled, or a frozen copy.
-    `default_shift` is the model's own time shift of the sigma schedule; `components` names every
-    model (denoiser, text encoders, VAE) for the memory estimate."""
+    `default_shift` is the model's own time shift of the sigma schedule, `sigmas()` spaces the schedule as
+    the model's pipeline does; `components` names every model (denoiser, text encoders, VAE) for the memory
+    estimate."""
 
     def __init__(self, backend: str, denoiser, encode_fn, decode_fn, latent_shape, device, dtype=torch.float32,
                  text_encoders: dict | None = None, vae=None, default_shift: float = 3.0,
@@ -199,11 +202,16 @@ class Policy:
         self.extra_inputs = dict(extra_inputs or {})  # FLUX: txt_ids / img_ids, built once for the resolution
         self.text_device = device  # where the text encoders run: the CPU after offload_text_encoders()
         self.cache: dict[str, dict[str, torch.Tensor]] = {}  # prompt -> its embeddings (a batch of 1), on the CPU
+        self.spacing = "flux" if backend == "flux" else "sd3"  # see sigma_schedule
         self.denoiser.requires_grad_(False)
         self.frozen_copy = None
         self.clock = {"forward": 0.0, "backward": 0.0}  # seconds inside model calls, for time/ metrics
         # the empty prompt's embedding for CFG; FLUX is guidance-distilled and never needs it
         self.uncond = None if backend == "flux" else self.encode([""])
+
+    def sigmas(self, num_steps: int, shift: float) -> torch.Tensor:
+        """The num_steps + 1 sigmas of a rollout, spaced as this model's pipeline spaces them."""
+        return sigma_schedule(num_steps, shift, self.spacing)
 
     # -- trainable parameters ----------------------------------------------------------------
     def add_lora(self, rank: int, alpha: float, targets: list[str]) -> None:
@@ -589,7 +597,7 @@ def evaluate(policy: Policy, prompts: list[str], reward_fn, per_prompt: int, num
              guidance: float, seed: int, batch_size: int = 64):
     """Score ODE samples of every prompt `per_prompt` times from noise fixed by `seed`.
     Returns ({metric: value}, images of the first sample of each prompt)."""
-    sigmas = sigma_schedule(num_steps, shift)
+    sigmas = policy.sigmas(num_steps, shift)
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     all_prompts = [p for p in prompts for _ in range(per_prompt)]
     scores, infos, firsts = [], [], []

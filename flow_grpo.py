@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from common import (EMA, Logger, group_advantages, index_cond, load_checkpoint, load_policy, load_prompts,
                     lora_targets, new_run_dir, pick_device, rollout, save_checkpoint, save_grid, sde_step,
-                    seed_everything, sigma_schedule, evaluate, weight_memory)
+                    seed_everything, evaluate, weight_memory)
 from rewards import make_reward
 
 
@@ -132,7 +132,7 @@ def sample_batch(policy, prompts: list[str], state: dict, args: Args, gen: torch
     """G images per prompt with the SDE on every step; keeps every state and per-step log-prob."""
     all_prompts = [p for p in prompts for _ in range(args.group_size)]
     cond = policy.encode(all_prompts)
-    sigmas = sigma_schedule(args.num_steps, args.shift)
+    sigmas = policy.sigmas(args.num_steps, args.shift)
     x = policy.noise(len(prompts), gen).repeat_interleave(args.group_size, 0) if args.same_noise \
         else policy.noise(len(all_prompts), gen)
     out = rollout(policy, cond, x, sigmas, [args.noise_level] * args.num_steps, args.guidance, gen)

@@ -28,7 +28,7 @@ import tyro
 from tqdm import tqdm
 
 from common import (EMA, Logger, index_cond, load_checkpoint, load_policy, load_prompts, lora_targets, new_run_dir,
-                    pick_device, rollout, save_checkpoint, save_grid, sde_step, seed_everything, sigma_schedule,
+                    pick_device, rollout, save_checkpoint, save_grid, sde_step, seed_everything,
                     evaluate, weight_memory)
 from rewards import make_reward
 
@@ -161,7 +161,7 @@ def sample_batch(policy, prompts: list[str], state: dict, args: Args, gen: torch
     granularity lambda, one image each, all scoring step k alone.
     Parents are ordered (k, prompt); children (parent, i); images (parent, i, lambda)."""
     G, T = args.group_size, args.num_steps
-    sigmas = sigma_schedule(T, args.shift)
+    sigmas = policy.sigmas(T, args.shift)
     ks = branch_steps(args)
     cond = policy.encode(prompts)
     n = len(prompts)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from common import (EMA, Logger, group_advantages, index_cond, load_checkpoint, load_policy, load_prompts,
                     lora_targets, new_run_dir, pick_device, rollout, save_checkpoint, save_grid, sde_step,
-                    seed_everything, sigma_schedule, evaluate, weight_memory)
+                    seed_everything, evaluate, weight_memory)
 from rewards import make_reward, parse_reward_spec
 
 
@@ -212,7 +212,7 @@ def sample_batch(policy, prompts: list[str], state: dict, args: Args, gen: torch
     end = l + args.window_size
     all_prompts = [p for p in prompts for _ in range(args.group_size)]
     cond = policy.encode(all_prompts)
-    sigmas = sigma_schedule(args.num_steps, args.shift)
+    sigmas = policy.sigmas(args.num_steps, args.shift)
     x = policy.noise(len(prompts), gen).repeat_interleave(args.group_size, 0) if args.same_noise \
         else policy.noise(len(all_prompts), gen)
     levels = [args.noise_level if l <= i < end else 0.0 for i in range(args.num_steps)]

@@ -28,7 +28,7 @@ import tyro
 from tqdm import tqdm
 
 from common import (EMA, Logger, index_cond, load_checkpoint, load_policy, load_prompts, lora_targets, new_run_dir,
-                    pick_device, rollout, save_checkpoint, save_grid, sde_step, seed_everything, sigma_schedule,
+                    pick_device, rollout, save_checkpoint, save_grid, sde_step, seed_everything,
                     evaluate, weight_memory)
 from rewards import make_reward
 
@@ -171,7 +171,7 @@ def sample_batch(policy, prompts: list[str], state: dict, args: Args, gen: torch
     shared); each (trajectory, k) is a parent with one child, scored by the trajectory's image.
     Parents are ordered (k, trajectory); children (parent, j)."""
     S, K, T = args.seeds, args.group_size, args.num_steps
-    sigmas = sigma_schedule(T, args.shift)
+    sigmas = policy.sigmas(T, args.shift)
     ks = branch_steps(args, gen)
     cond = policy.encode(prompts)
     seed = torch.arange(len(prompts) * S)  # trajectory i starts from seed[i], an x_1 of prompt seed[i] // S

@@ -14,7 +14,7 @@ import flow_grpo
 import g2rpo
 import mix_grpo
 import tempflow_grpo
-from common import load_policy, lora_targets, rollout, sigma_schedule, weight_memory
+from common import load_policy, lora_targets, rollout, weight_memory
 from test_flow_grpo import run
 
 CPU = torch.device("cpu")
@@ -101,19 +101,17 @@ def test_flux_packed_latents_and_lora_targets(flux_policy):
 
 @pytest.mark.parametrize("backend", ["flux", "sd3"])
 def test_ode_matches_the_diffusers_pipeline(backend, tiny_flux_dir, tiny_sd3_dir, flux_policy, sd3_policy):
-    """Our sampler (ODE, the same sigmas) reproduces FluxPipeline / StableDiffusion3Pipeline images."""
+    """Our sampler (ODE, policy.sigmas) reproduces FluxPipeline / StableDiffusion3Pipeline images at their defaults."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     policy, T = (flux_policy, 3) if backend == "flux" else (sd3_policy, 3)
     guidance = 3.5 if backend == "flux" else 2.0
-    sigmas = sigma_schedule(T, policy.default_shift)
+    sigmas = policy.sigmas(T, policy.default_shift)
     x = policy.noise(1, torch.Generator().manual_seed(1))
     ours = policy.decode(rollout(policy, policy.encode(["a red circle"]), x, sigmas, [0.0] * T, guidance).latents[:, -1])
-    if backend == "flux":  # the pipeline shifts the sigmas it is given by e^mu itself: pass them unshifted
+    if backend == "flux":  # the pipeline's own sigmas: linspace(1, 1/T, T), shifted by e^mu
         pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
-        s = sigmas[:-1].double()
-        unshifted = (s / (policy.default_shift - (policy.default_shift - 1) * s)).tolist()
-        theirs = pipe("a red circle", height=64, width=64, sigmas=unshifted, guidance_scale=guidance, latents=x,
+        theirs = pipe("a red circle", height=64, width=64, num_inference_steps=T, guidance_scale=guidance, latents=x,
                       output_type="pt", max_sequence_length=512).images
     else:
         pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)

@@ -21,6 +21,19 @@ def test_sigma_schedule_matches_diffusers(n, shift):
     assert ours[0] == 1 and ours[-1] == 0
 
 
+@pytest.mark.parametrize("n,mu", [(10, math.log(3.0)), (25, 0.63), (16, 1.15), (1, 0.8)])
+def test_flux_spacing_matches_the_flux_scheduler(n, mu):
+    """FluxPipeline: linspace(1, 1/T, T) handed to a dynamically shifting scheduler with e^mu."""
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
+    ours = sigma_schedule(n, math.exp(mu), "flux").double()
+    assert torch.allclose(ours, sched.sigmas.double(), atol=1e-6), (ours, sched.sigmas)
+    assert ours[-2] > sigma_schedule(n, math.exp(mu)).double()[-2] or n == 1  # coarser end than SD3's spacing
+    with pytest.raises(ValueError, match="unknown sigma spacing 'sdxl'; known: sd3, flux"):
+        sigma_schedule(n, 3.0, "sdxl")
+
+
 def sde_step_float64(x, v, s, s_next, a, noise):
     """The step written out again in numpy float64, term by term from the SDE."""
     x, v, noise = (np.asarray(t, dtype=np.float64) for t in (x, v, noise))
