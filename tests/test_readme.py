@@ -1,0 +1,25 @@
+"""The README's commands for real models use flags the scripts have, with values their checks accept."""
+
+import importlib
+import re
+import shlex
+
+import pytest
+import tyro
+
+from conftest import ROOT
+
+COMMANDS = re.findall(r"\n    (python (\w+)\.py --model .*?)(?=\n    #|\n\n)", (ROOT / "README.md").read_text(), re.S)
+
+
+def test_every_script_has_real_model_commands():
+    scripts = {script for _, script in COMMANDS}
+    assert scripts == {"flow_grpo", "awm", "mix_grpo", "tempflow_grpo", "g2rpo"}, scripts
+    assert {s for cmd, s in COMMANDS if "stable-diffusion-3.5-medium" in cmd} == scripts  # SD3.5-M for each
+
+
+@pytest.mark.parametrize("command,script", COMMANDS, ids=[f"{s}-{i}" for i, (_, s) in enumerate(COMMANDS)])
+def test_readme_command_parses(command, script):
+    args = shlex.split(command.replace("\\\n", " "))[2:]
+    parsed = tyro.cli(importlib.import_module(script).Args, args=args)  # runs Args.__post_init__ checks too
+    assert parsed.model == args[args.index("--model") + 1] and parsed.resolution == 512
