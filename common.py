@@ -202,7 +202,6 @@ class Policy:
         self.extra_inputs = dict(extra_inputs or {})  # FLUX: txt_ids / img_ids, built once for the resolution
         self.text_device = device  # where the text encoders run: the CPU after offload_text_encoders()
         self.cache: dict[str, dict[str, torch.Tensor]] = {}  # prompt -> its embeddings (a batch of 1), on the CPU
-        self.spacing = "flux" if backend == "flux" else "sd3"  # see sigma_schedule
         self.denoiser.requires_grad_(False)
         self.frozen_copy = None
         self.clock = {"forward": 0.0, "backward": 0.0}  # seconds inside model calls, for time/ metrics
@@ -211,7 +210,7 @@ class Policy:
 
     def sigmas(self, num_steps: int, shift: float) -> torch.Tensor:
         """The num_steps + 1 sigmas of a rollout, spaced as this model's pipeline spaces them."""
-        return sigma_schedule(num_steps, shift, self.spacing)
+        return sigma_schedule(num_steps, shift, "flux" if self.backend == "flux" else "sd3")
 
     # -- trainable parameters ----------------------------------------------------------------
     def add_lora(self, rank: int, alpha: float, targets: list[str]) -> None:
