@@ -52,7 +52,7 @@ def group_scores(policy, prompts: list[str], g: int, num_steps: int, noise_level
 
 
 def summary(label: str, s: torch.Tensor) -> str:
-    return (f"{label:22s} {len(s):3d} prompts  mean {s.mean():.3f}  best-of-{s.shape[1]} {s.max(1).values.mean():.3f}"
+    return (f"{label:26s} {len(s):3d} prompts  mean {s.mean():.3f}  best-of-{s.shape[1]} {s.max(1).values.mean():.3f}"
             f"  all-equal groups {(s.std(1) == 0).float().mean():.2f}")
 
 
