@@ -59,6 +59,15 @@ def lr_at(step: int, total: int, warmup: int = 100) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
 
 
+def rectified_flow_loss(velocity, x0: torch.Tensor) -> torch.Tensor:
+    """The pre-training loss on a batch of clean images x0: t ~ logit-normal(0, 1), x_t = (1 - t) x0 + t eps,
+    mean over the batch of ||velocity(x_t, 1000 t) - (eps - x0)||^2."""
+    t = torch.sigmoid(torch.randn(len(x0)))
+    eps = torch.randn_like(x0)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    return flow_matching_loss(velocity(x_t, t * 1000), x0, eps).mean()
+
+
 def main(args: Args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,11 +92,9 @@ def main(args: Args) -> None:
         x0 = torch.stack([shapes.render_prompt(c, rng) for c in captions]) * 2 - 1  # pixels in [-1, 1]
         captions = ["" if rng.random() < args.cfg_drop else c for c in captions]
         ids = tokenizer(captions, padding="max_length", max_length=shapes.MAX_TOKENS, return_tensors="pt").input_ids
-        t = torch.sigmoid(torch.randn(args.batch_size))  # logit-normal(0, 1)
-        eps = torch.randn_like(x0)
-        x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
-        v = unet(x_t, t * 1000, encoder_hidden_states=text_encoder(ids).last_hidden_state).sample
-        loss = flow_matching_loss(v, x0, eps).mean()
+        loss = rectified_flow_loss(
+            lambda x_t, timestep: unet(x_t, timestep, encoder_hidden_states=text_encoder(ids).last_hidden_state).sample,
+            x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
