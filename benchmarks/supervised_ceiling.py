@@ -51,6 +51,13 @@ class Args:
     """one JSON line per evaluation: step, train_min, eval/score, eval/strict"""
 
 
+def ground_truth_loss(policy, captions: list[str], rng: random.Random) -> torch.Tensor:
+    """pretrain.py's rectified-flow loss of the policy's UNet on one rendered ground-truth image per caption."""
+    x0 = torch.stack([shapes.render_prompt(c, rng) for c in captions]) * 2 - 1  # pixels in [-1, 1]
+    hidden = policy.encode(captions)["hidden"]
+    return rectified_flow_loss(lambda x_t, t: policy.denoiser(x_t, t, encoder_hidden_states=hidden).sample, x0)
+
+
 def main(args: Args) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,10 +86,7 @@ def main(args: Args) -> list[dict]:
         if seconds > args.minutes * 60:
             break
         t0 = time.time()
-        captions = [rng.choice(train) for _ in range(args.batch_size)]
-        x0 = torch.stack([shapes.render_prompt(c, rng) for c in captions]) * 2 - 1  # pixels in [-1, 1]
-        hidden = policy.encode(captions)["hidden"]
-        loss = rectified_flow_loss(lambda x_t, t: unet(x_t, t, encoder_hidden_states=hidden).sample, x0)
+        loss = ground_truth_loss(policy, [rng.choice(train) for _ in range(args.batch_size)], rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
