@@ -592,10 +592,11 @@ def load_prompts(path: str | None, split: str) -> list[str]:
 # Evaluation: the ODE on held-out prompts, fixed noise
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(policy: Policy, prompts: list[str], reward_fn, per_prompt: int, num_steps: int, shift: float,
-             guidance: float, seed: int, batch_size: int = 64):
-    """Score ODE samples of every prompt `per_prompt` times from noise fixed by `seed`.
-    Returns ({metric: value}, images of the first sample of each prompt)."""
+def sample_and_score(policy: Policy, prompts: list[str], reward_fn, per_prompt: int, num_steps: int, shift: float,
+                     guidance: float, seed: int, noise_level: float = 0.0, batch_size: int = 64):
+    """Sample every prompt `per_prompt` times, in chunks of `batch_size`, and score the images. One generator
+    seeded with `seed` draws the starting noise and, for noise_level > 0, the SDE's noise (the ODE draws none).
+    Returns (scores in prompt order, {info key: per-sample values}, the first image of each prompt)."""
     sigmas = policy.sigmas(num_steps, shift)
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     all_prompts = [p for p in prompts for _ in range(per_prompt)]
@@ -603,16 +604,25 @@ def evaluate(policy: Policy, prompts: list[str], reward_fn, per_prompt: int, num
     for i in range(0, len(all_prompts), batch_size):
         chunk = all_prompts[i:i + batch_size]
         x = policy.noise(len(chunk), gen)
-        out = rollout(policy, policy.encode(chunk), x, sigmas, [0.0] * num_steps, guidance)
+        out = rollout(policy, policy.encode(chunk), x, sigmas, [noise_level] * num_steps, guidance, gen)
         images = policy.decode(out.latents[:, -1])
         s, info = reward_fn(images, chunk)
         scores.append(s)
         infos.append(info)
         firsts += [img for j, img in enumerate(images) if (i + j) % per_prompt == 0]
-    metrics = {"eval/score": torch.cat(scores).mean().item()}
-    for key in infos[0]:  # per-sample values, NaN where a metric does not apply (another category)
-        metrics[f"eval/{key}"] = torch.cat([inf[key] for inf in infos]).nanmean().item()
-    return metrics, torch.stack(firsts)
+    return torch.cat(scores), {key: torch.cat([inf[key] for inf in infos]) for key in infos[0]}, torch.stack(firsts)
+
+
+def evaluate(policy: Policy, prompts: list[str], reward_fn, per_prompt: int, num_steps: int, shift: float,
+             guidance: float, seed: int, batch_size: int = 64):
+    """Score ODE samples of every prompt `per_prompt` times from noise fixed by `seed`.
+    Returns ({metric: value}, images of the first sample of each prompt)."""
+    scores, info, firsts = sample_and_score(policy, prompts, reward_fn, per_prompt, num_steps, shift, guidance, seed,
+                                            batch_size=batch_size)
+    metrics = {"eval/score": scores.mean().item()}
+    for key, values in info.items():  # per-sample values, NaN where a metric does not apply (another category)
+        metrics[f"eval/{key}"] = values.nanmean().item()
+    return metrics, firsts
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import shapes  # noqa: E402
-from common import load_policy, load_prompts, pick_device, rollout  # noqa: E402
+from common import load_policy, load_prompts, pick_device, sample_and_score  # noqa: E402
+from rewards import make_reward  # noqa: E402
 
 
 @dataclass
@@ -37,18 +38,10 @@ class Args:
     """seed of the noise"""
 
 
-@torch.no_grad()
 def group_scores(policy, prompts: list[str], g: int, num_steps: int, noise_level: float, seed: int) -> torch.Tensor:
-    """(len(prompts), g) partial-credit scores of g samples per prompt."""
-    gen = torch.Generator().manual_seed(seed)
-    sigmas, every = policy.sigmas(num_steps, 3.0), [p for p in prompts for _ in range(g)]
-    scores = []
-    for i in range(0, len(every), 64):
-        chunk = every[i:i + 64]
-        out = rollout(policy, policy.encode(chunk), policy.noise(len(chunk), gen), sigmas, [noise_level] * num_steps,
-                      1.0, gen)
-        scores.append(shapes.score(policy.decode(out.latents[:, -1]), chunk)[0])
-    return torch.cat(scores).view(len(prompts), g)
+    """(len(prompts), g) partial-credit scores of g samples per prompt (no CFG, shift 3, as the RL scripts sample)."""
+    scores, _, _ = sample_and_score(policy, prompts, make_reward("shapes"), g, num_steps, 3.0, 1.0, seed, noise_level)
+    return scores.view(len(prompts), g)
 
 
 def summary(label: str, s: torch.Tensor) -> str:
