@@ -27,9 +27,11 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from common import (EMA, Logger, ema_update, evaluate, flow_matching_loss, group_advantages, index_cond,
-                    load_checkpoint, load_policy, load_prompts, lora_targets, new_run_dir, pick_device, rollout,
-                    save_checkpoint, save_grid, seed_everything, swapped_params, weight_memory)
+from common import (EMA, Logger, all_gather_objects, close_distributed, ema_update, evaluate, flow_matching_loss,
+                    gather_scores, global_rows, group_advantages, index_cond, init_distributed, load_checkpoint,
+                    load_policy, load_prompts, local_minibatches, lora_config, lora_targets, new_run_dir, pick_device,
+                    print0, reduce_metrics, rollout, save_checkpoint, save_grid, seed_everything, swapped_params,
+                    sync_gradients, to_device, warn_off_policy, weight_memory)
 from rewards import make_reward
 
 
@@ -50,7 +52,8 @@ class Args:
     """budget of training minutes (sampling, reward, update; evaluations excluded): stop after the iteration that
     passes it, then evaluate and save (0: run every --steps)"""
     prompts_per_step: int = 8
-    """distinct prompts sampled per iteration"""
+    """distinct prompts sampled per iteration, over all processes (drawn without replacement from the training
+    prompts); under torchrun each of N processes samples and trains prompts_per_step / N of them, whole groups"""
     group_size: int = 8
     """images per prompt (G); the group's rewards give each image its advantage"""
     num_steps: int = 10
@@ -71,10 +74,11 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
-    lora_rank: int = 0
-    """LoRA rank; 0 fine-tunes every weight of the denoiser (the reference is then a frozen copy)"""
-    lora_alpha: float = 64.0
-    """LoRA alpha (scale alpha / rank)"""
+    lora_rank: int | None = None
+    """LoRA rank; 0 fine-tunes every weight of the denoiser (the reference is then a frozen copy); unset: the
+    backend's default: shapes 0, SD3 32, FLUX 64 (the reference trainers' LoRA)"""
+    lora_alpha: float | None = None
+    """LoRA alpha (scale alpha / rank); unset: 2 x rank (SD3 64, FLUX 128, as the reference trainers)"""
     ema_decay: float = 0.9
     """EMA of the trainable weights used for evaluation; 0 evaluates the live weights"""
     eval_every: int = 10
@@ -99,6 +103,9 @@ class Args:
     """also log to Weights & Biases"""
     gradient_checkpointing: bool = False
     """recompute the denoiser's activations in the backward pass (less memory, about one more forward pass per update)"""
+    sample_batch: int = 0
+    """images per sampling forward pass (the reference's per-GPU sample batch): rollouts run in chunks of this many;
+    0: all of this process's images at once"""
     micro_batch: int = 0
     """denoiser inputs per forward/backward pass of the update, gradients accumulated (the same update in less
     memory; the branching methods count parent states); 0: the whole minibatch at once"""
@@ -145,13 +152,14 @@ def noise_levels(sigmas: torch.Tensor, args: Args) -> list[float]:
 
 
 @torch.no_grad()
-def sample_batch(policy, prompts: list[str], state: dict, args: Args, gen: torch.Generator) -> dict:
+def sample_batch(policy, prompts: list[str], state: dict, args: Args, gen: torch.Generator,
+                 shared_gen: torch.Generator) -> dict:
     """G images per prompt (ODE, or SDE inside the window); only the final x0 is used for training."""
     all_prompts = [p for p in prompts for _ in range(args.group_size)]
     cond = policy.encode(all_prompts)
     sigmas = policy.sigmas(args.num_steps, args.shift)
     out = rollout(policy, cond, policy.noise(len(all_prompts), gen), sigmas, noise_levels(sigmas, args),
-                  args.guidance, gen)
+                  args.guidance, gen, chunk=args.sample_batch)
     x0 = out.latents[:, -1]
     return {"prompts": all_prompts, "groups": torch.arange(len(prompts)).repeat_interleave(args.group_size),
             "cond": cond, "x0": x0, "sigmas": sigmas, "images": policy.decode(x0)}
@@ -209,20 +217,22 @@ def awm_terms(policy, cond: dict, x0: torch.Tensor, adv: torch.Tensor, t: torch.
 
 def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, args: Args,
                    gen: torch.Generator) -> dict:
-    """AWM update over K stratified timesteps, one optimiser step per minibatch; the anchor follows after."""
+    """AWM update over K stratified timesteps, one optimiser step per minibatch (of the global batch: this rank's
+    rows of it, the gradient summed over the ranks); the anchor follows after."""
     params = policy.trainable_parameters()
     stats = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/kl_ema": 0.0, "train/skipped": 0}
     count = 0
-    for mb in torch.randperm(len(adv), generator=gen).chunk(args.minibatches):
+    for mb, pos, size in local_minibatches(global_rows(len(adv)), args.minibatches, gen):
         cond, a, x0 = index_cond(batch["cond"], mb), adv[mb].to(policy.device), batch["x0"][mb]
-        ts = train_timesteps(batch["sigmas"], args, gen)
+        ts = train_timesteps(batch["sigmas"], args, gen)  # the same on every rank
         opt.zero_grad(set_to_none=True)
         for t in ts:
-            noise = torch.randn(x0.shape, generator=gen).to(x0.device)  # fresh eps per (sample, t)
-            for rows in torch.arange(len(mb)).split(args.micro_batch or len(mb)):  # micro-batches: same gradient
+            # fresh eps per (sample, t), drawn for the whole minibatch so that it does not depend on the ranks
+            noise = torch.randn((size, *x0.shape[1:]), generator=gen)[pos].to(x0.device)
+            for rows in torch.arange(len(mb)).split(args.micro_batch or max(len(mb), 1)):  # micro-batches
                 policy_loss, kl, kl_ema = awm_terms(policy, index_cond(cond, rows), x0[rows], a[rows], t, noise[rows],
                                                     state, args)
-                loss = (policy_loss + args.beta * kl + args.ema_kl_beta * kl_ema).sum() / (len(mb) * len(ts))
+                loss = (policy_loss + args.beta * kl + args.ema_kl_beta * kl_ema).sum() / (size * len(ts))
                 if not torch.isfinite(loss):
                     stats["train/skipped"] += 1
                     continue
@@ -231,6 +241,7 @@ def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, arg
                 stats["loss/kl"] += kl.sum().item()
                 stats["loss/kl_ema"] += kl_ema.sum().item()
                 count += len(rows)
+        sync_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         opt.step()
         state["updates"] += 1
@@ -244,8 +255,14 @@ def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, arg
 def check_args(args: Args) -> None:
     if args.group_size < 2:
         raise SystemExit(f"--group-size {args.group_size}: a group needs at least 2 images to have an advantage")
-    if args.prompts_per_step < 1 or args.steps < 0 or args.num_steps < 2:
-        raise SystemExit("--prompts-per-step >= 1, --steps >= 0 and --num-steps >= 2 are required")
+    if args.prompts_per_step < 1 or args.steps < 0:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} / --steps {args.steps}: use at least 1 prompt "
+                         "per iteration and 0 or more iterations")
+    if args.num_steps < 2:
+        raise SystemExit(f"--num-steps {args.num_steps}: a rollout needs at least 2 sampling steps (the last one is "
+                         "never trained)")
+    if args.mixed_precision not in ("bf16", "fp16", "fp32"):
+        raise SystemExit(f"--mixed-precision {args.mixed_precision!r}: choose bf16, fp16 or fp32")
     if args.minibatches < 1 or args.minibatches > args.prompts_per_step * args.group_size:
         raise SystemExit(f"--minibatches must be between 1 and the batch size ({args.prompts_per_step * args.group_size})")
     if args.micro_batch < 0:
@@ -257,51 +274,63 @@ def main(args: Args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    seed_everything(args.seed)
+    rank, world = init_distributed(device)  # under torchrun: one process per GPU; otherwise a world of size 1
+    if args.prompts_per_step % world:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} counts every process's prompts: make it a "
+                         f"multiple of the {world} processes")
+    seed_everything(args.seed)  # the same on every rank: the same initial adapter weights
     try:
         reward_fn = make_reward(args.reward)
     except ValueError as e:
         raise SystemExit(f"--reward: {e}") from None
     train_prompts = load_prompts(args.prompts, "train")
     eval_prompts = load_prompts(args.eval_prompts, "eval")
+    if args.prompts_per_step > len(train_prompts):
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step}: an iteration draws distinct prompts, and the "
+                         f"training prompts hold {len(train_prompts)}")
+    ckpt, run_dir = load_checkpoint(args.resume, asdict(args)) if args.resume else ({}, None)  # checked before loading
+    if ckpt:  # the run keeps the LoRA it was saved with (flags that were set match it: load_checkpoint checked)
+        args.lora_rank, args.lora_alpha = ckpt["args"]["lora_rank"], ckpt["args"]["lora_alpha"]
     policy = load_policy(args.model, device, args.mixed_precision, args.resolution, args.gradient_checkpointing)
     if args.shift is None:
         args.shift = policy.default_shift  # the model's own (FLUX: e^mu of its resolution); logged and saved resolved
+    args.lora_rank, args.lora_alpha = lora_config(policy, args.lora_rank, args.lora_alpha)  # resolved, as the shift
     policy.add_lora(args.lora_rank, args.lora_alpha, lora_targets(policy))
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    print(f"{policy.backend} on {device}: {sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.2f}M trainable "
-          f"parameters; shift {args.shift:.3f}; per iteration {args.prompts_per_step} prompts x {args.group_size} images "
-          f"= {args.prompts_per_step * args.group_size} rollouts (the branching methods score more images), "
-          f"{args.minibatches} minibatches = up to {args.minibatches} optimiser steps"
-          f"{f' in micro-batches of {args.micro_batch}' if args.micro_batch else ''}; "
-          f"{args.steps} iterations = up to {args.steps * args.minibatches} optimiser steps")
+    print0(f"{policy.backend} on {device}{f' (rank 0 of {world} processes)' if world > 1 else ''}: "
+           f"{sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.2f}M trainable parameters; shift "
+           f"{args.shift:.3f}; per iteration {args.prompts_per_step} prompts x {args.group_size} images = "
+           f"{args.prompts_per_step * args.group_size} rollouts (the branching methods score more images), "
+           f"{args.minibatches} minibatches = up to {args.minibatches} optimiser steps"
+           f"{f' in micro-batches of {args.micro_batch}' if args.micro_batch else ''}; "
+           f"{args.steps} iterations = up to {args.steps * args.minibatches} optimiser steps")
     if policy.backend != "shapes":
-        print(weight_memory(policy))
+        print0(weight_memory(policy))
     if args.dry_run:
-        print("--dry-run: exiting before training")
+        print0("--dry-run: exiting before training")
         return {}
     if args.offload_text_encoders:
         policy.offload_text_encoders(train_prompts + eval_prompts)
     ema = EMA(policy.trainable_parameters(), args.ema_decay)
     state = init_state(policy, args)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    cpu_gen = torch.Generator().manual_seed(args.seed)
-    prompt_rng = random.Random(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1_000_003 * rank)  # this rank's sampling noise
+    cpu_gen = torch.Generator().manual_seed(args.seed)  # the same on every rank: minibatches, timesteps, windows
+    prompt_rng = random.Random(args.seed)  # the same on every rank: the global draw of prompts
     start, wall_offset, samples, train_time = 0, 0.0, 0, 0.0
-    run_dir = Path(args.resume) if args.resume else new_run_dir(args.out, Path(__file__).stem)
-    if args.resume:
-        ckpt = load_checkpoint(run_dir / "checkpoint.pt" if run_dir.is_dir() else run_dir)
-        run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+    run_dir = run_dir or Path(all_gather_objects(new_run_dir(args.out, Path(__file__).stem) if rank == 0 else None)[0])
+    if ckpt:
+        if len(ckpt["gen"]) != world:
+            raise SystemExit(f"--resume: the run was saved by {len(ckpt['gen'])} processes; resume it with as many")
         policy.load_trainable_state(ckpt["trainable"])
-        opt.load_state_dict(ckpt["optimizer"])
-        ema.shadow = ckpt["ema"]
-        state = ckpt["state"]
-        gen.set_state(ckpt["gen"])
+        opt.load_state_dict(ckpt["optimizer"])  # moves its state to the parameters' device
+        ema.shadow = to_device(ckpt["ema"], device)
+        state = to_device(ckpt["state"], device)
+        gen.set_state(ckpt["gen"][rank])
         cpu_gen.set_state(ckpt["cpu_gen"])
         prompt_rng.setstate(ckpt["prompt_rng"])
         start, wall_offset, samples, train_time = ckpt["step"], ckpt["wall_time"], ckpt["samples"], ckpt["train_time"]
-        print(f"resumed {run_dir} at iteration {start}")
-    logger = Logger(run_dir, asdict(args), args.track)
+        print0(f"resumed {run_dir} at iteration {start}")
+    logger = Logger(run_dir, asdict(args), args.track, enabled=rank == 0)
     t_start = time.time()
 
     def wall() -> float:
@@ -311,40 +340,47 @@ def main(args: Args) -> dict:
         t0 = time.time()
         with ema.swapped_in():  # decay 0: the shadow is the live weights
             metrics, images = evaluate(policy, eval_prompts, reward_fn, args.eval_per_prompt, args.eval_num_steps,
-                                       args.shift, args.guidance, seed=args.seed + 10_000)
-        save_grid(images, run_dir / f"eval_{step:05d}.png", nrow=8, scale=4 if policy.backend == "shapes" else 1)
+                                       args.shift, args.guidance, seed=args.seed + 10_000)  # split over the ranks
+        if rank == 0:
+            save_grid(images, run_dir / f"eval_{step:05d}.png", nrow=8, scale=4 if policy.backend == "shapes" else 1)
         metrics["time/eval"] = time.time() - t0
         logger.log(step, metrics, wall_offset)
         return metrics
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir / "checkpoint.pt", {
-            "trainable": policy.trainable_state(), "optimizer": opt.state_dict(), "ema": ema.shadow, "state": state,
-            "gen": gen.get_state(), "cpu_gen": cpu_gen.get_state(), "prompt_rng": prompt_rng.getstate(),
-            "step": step, "wall_time": wall(), "samples": samples, "train_time": train_time, "args": asdict(args)})
+        gens = all_gather_objects(gen.get_state())  # every rank's sampling generator; the rest is the same everywhere
+        if rank == 0:
+            save_checkpoint(run_dir / "checkpoint.pt", {
+                "trainable": policy.trainable_state(), "optimizer": opt.state_dict(), "ema": ema.shadow, "state": state,
+                "gen": gens, "cpu_gen": cpu_gen.get_state(), "prompt_rng": prompt_rng.getstate(), "step": step,
+                "wall_time": wall(), "samples": samples, "train_time": train_time, "args": asdict(args)})
 
     last_eval, done = (run_eval(start) if start == 0 else {}), start
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=Path(__file__).stem)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=Path(__file__).stem, disable=rank > 0)
     for step in bar:
         policy.clock.update(forward=0.0, backward=0.0)
         t0 = time.time()
-        prompts = prompt_rng.choices(train_prompts, k=args.prompts_per_step)
-        batch = sample_batch(policy, prompts, state, args, gen)
+        prompts = prompt_rng.sample(train_prompts, k=args.prompts_per_step)  # distinct, the same on every rank
+        mine = prompts[rank * len(prompts) // world:(rank + 1) * len(prompts) // world]  # this rank's groups
+        batch = sample_batch(policy, mine, state, args, gen, cpu_gen)
         t1 = time.time()
         rewards, info = reward_fn(batch["images"], batch["prompts"])
-        adv = compute_advantages(batch, rewards, info, args)
+        adv = compute_advantages(batch, rewards, info, args)  # batch-wide statistics over every rank
         t2 = time.time()
-        stats = train_on_batch(policy, opt, batch, adv, state, args, cpu_gen)
+        stats = train_on_batch(policy, opt, batch, adv, state, args, cpu_gen)  # gradients summed over the ranks
+        warn_off_policy(stats)  # the first minibatch is on-policy: its ratio must be 1
         ema.update()
         t3 = time.time()
+        rewards, info, adv = gather_scores(rewards, info, adv)  # every rank's, for the log
         samples += len(rewards)  # images scored so far (more than prompts x group for the branching methods)
         train_time += t3 - t0  # seconds of sampling, scoring and training so far (no evaluations)
-        metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-                   **{f"reward/{k}": v.nanmean().item() for k, v in info.items() if not v.isnan().all()},
-                   "adv/abs_mean": adv.abs().mean().item(), **stats,
-                   "time/sample": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
-                   "time/forward": policy.clock["forward"], "time/backward": policy.clock["backward"],
-                   "samples": samples, "train_time": train_time}
+        metrics = reduce_metrics({  # averaged over the ranks, so every rank sees the same numbers and stops together
+            "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+            **{f"reward/{k}": v.nanmean().item() for k, v in info.items() if not v.isnan().all()},
+            "adv/abs_mean": adv.abs().mean().item(), **stats, "time/sample": t1 - t0, "time/reward": t2 - t1,
+            "time/train": t3 - t2, "time/forward": policy.clock["forward"], "time/backward": policy.clock["backward"],
+            "samples": samples, "train_time": train_time})
+        train_time = metrics["train_time"]
         logger.log(step + 1, metrics, wall_offset)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval=f"{last_eval.get('eval/score', float('nan')):.3f}")
         done = step + 1
@@ -357,7 +393,8 @@ def main(args: Args) -> dict:
             break
     logger.close()
     scores = ", ".join(f"{k} {last_eval[k]:.3f}" for k in ("eval/score", "eval/strict") if k in last_eval)
-    print(f"done: {done} iterations in {wall() / 60:.1f} min; {scores}; run folder {run_dir}")
+    print0(f"done: {done} iterations in {wall() / 60:.1f} min; {scores}; run folder {run_dir}")
+    close_distributed()
     return last_eval
 
 

@@ -30,11 +30,14 @@ SHAPES_BASE = ASSETS / "shapes_base"
 # Device, seeding
 # ----------------------------------------------------------------------------------------------
 def pick_device(name: str) -> torch.device:
-    """'auto' takes CUDA when present, else the CPU; asking for CUDA without one is an error."""
+    """'auto' takes CUDA when present, else the CPU; asking for CUDA without one is an error. Under torchrun
+    each process takes the GPU of its LOCAL_RANK."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {name} was asked for, but no CUDA device is available: use --device cpu or auto")
+    if name == "cuda":
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     dev = torch.device(name)
     if dev.type == "cpu":
         torch.set_flush_denormal(True)  # denormals made CPU conv steps ~15x slower
@@ -42,6 +45,126 @@ def pick_device(name: str) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return dev
+
+
+# ----------------------------------------------------------------------------------------------
+# Many processes (torchrun): torch.distributed, NCCL on CUDA and gloo on the CPU. A single process is the world
+# of size 1 and takes the same code path: every collective below returns its input there.
+# ----------------------------------------------------------------------------------------------
+_COLLECTIVE_DEVICE = torch.device("cpu")  # where collectives run: this rank's GPU under NCCL
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join torchrun's process group when it launched this process (WORLD_SIZE > 1); returns (rank, world size)."""
+    import torch.distributed as dist
+
+    global _COLLECTIVE_DEVICE
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+        _COLLECTIVE_DEVICE = device
+    return rank(), world_size()
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """t summed (or maxed) over the ranks, in place; on one process t itself."""
+    import torch.distributed as dist
+
+    if world_size() > 1:
+        x = t.to(_COLLECTIVE_DEVICE)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        t.copy_(x)
+    return t
+
+
+def all_gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (picklable objects: metrics, CPU tensors, generator states)."""
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sync_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum the gradients over the ranks, so that every rank takes the same optimiser step. Each rank's loss is
+    already divided by the global minibatch size, so the sum is the gradient of the global mean. Flattened into one
+    buffer: one collective per optimiser step."""
+    if world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce(torch.cat([g.flatten() for g in grads]))
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
+
+
+def global_rows(n_local: int) -> torch.Tensor:
+    """This rank's rows as indices of the global batch: rank r holds rows r * n_local ... (r + 1) * n_local - 1."""
+    return rank() * n_local + torch.arange(n_local)
+
+
+def local_minibatches(ids: torch.Tensor, minibatches: int, gen: torch.Generator) -> list[tuple]:
+    """The global batch's rows shuffled by the generator every rank shares and split into minibatches, as one process
+    would split the same global batch. `ids` are this rank's rows as global indices (global_rows). For each
+    minibatch: this rank's rows in it (indices into ids), their positions in the minibatch, and its global size
+    (the loss's denominator)."""
+    everyone = torch.cat(all_gather_objects(ids.cpu())).sort().values  # the global batch, in one process's order
+    out = []
+    for chunk in everyone[torch.randperm(len(everyone), generator=gen)].chunk(minibatches):
+        mine = (chunk.unsqueeze(1) == ids.cpu().unsqueeze(0)).nonzero()  # (position in chunk, index into ids)
+        out.append((mine[:, 1], mine[:, 0], len(chunk)))
+    return out
+
+
+def print0(*args) -> None:
+    """print on rank 0 only."""
+    if rank() == 0:
+        print(*args)
+
+
+def gather_scores(rewards: torch.Tensor, info: dict, adv: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Every rank's rewards, reward info and advantages, concatenated in rank order (for the log)."""
+    if world_size() == 1:
+        return rewards, info, adv
+    parts = all_gather_objects((rewards.cpu(), {k: v.cpu() for k, v in info.items()}, adv.cpu().flatten()))
+    return (torch.cat([p[0] for p in parts]), {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]},
+            torch.cat([p[2] for p in parts]))
+
+
+def close_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def reduce_metrics(metrics: dict) -> dict:
+    """Every logged value averaged over the ranks (the largest for the on-policy ratio error)."""
+    if world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    worst = torch.tensor([float(metrics[k]) if k.endswith("_err") else 0.0 for k in keys], dtype=torch.float64)
+    mean = all_reduce(values) / world_size()
+    worst = all_reduce(worst, "max")
+    return {k: (worst[i] if k.endswith("_err") else mean[i]).item() for i, k in enumerate(keys)}
 
 
 def seed_everything(seed: int) -> None:
@@ -91,6 +214,11 @@ def _per_sample(value, like: torch.Tensor) -> torch.Tensor:
     return t.view(-1, *([1] * (like.ndim - 1))) if t.ndim == 1 else t
 
 
+def _sigma_t(sig: torch.Tensor, sig_next: torch.Tensor, noise_level: float) -> torch.Tensor:
+    """sigma_t = a sqrt(t / (1 - t)), with 1 - t replaced by 1 - sigma_next at t = 1."""
+    return noise_level * torch.sqrt(sig / (1 - torch.where(sig == 1, sig_next, sig)))
+
+
 def sde_step(x, v, sigma, sigma_next, noise_level: float, noise=None, prev_sample=None, generator=None) -> Step:
     """One Euler-Maruyama step of the marginal-preserving reverse SDE of rectified flow (Flow-GRPO):
 
@@ -103,8 +231,7 @@ def sde_step(x, v, sigma, sigma_next, noise_level: float, noise=None, prev_sampl
     x, v = x.float(), v.float()
     sig, sig_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
     dt = sig_next - sig
-    denom = 1 - torch.where(sig == 1, sig_next, sig)
-    std_t = noise_level * torch.sqrt(sig / denom)
+    std_t = _sigma_t(sig, sig_next, noise_level)
     mean = x + (v + std_t**2 / (2 * sig) * (x + (1 - sig) * v)) * dt
     std = std_t * torch.sqrt(-dt)
     if noise_level == 0:
@@ -121,14 +248,33 @@ def sde_step(x, v, sigma, sigma_next, noise_level: float, noise=None, prev_sampl
     return Step(prev_sample, log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std)
 
 
+def step_kl(mean: torch.Tensor, mean_ref: torch.Tensor, sigma, sigma_next, noise_level: float) -> torch.Tensor:
+    """KL(pi_theta || pi_ref) of one SDE step, per sample, in the reference code's form (Flow-GRPO's trainers):
+
+        ||mu_theta - mu_ref||^2 / (2 sigma_t^2),   mean over non-batch dims,   sigma_t = a sqrt(t / (1 - t))
+
+    The two steps are Gaussians with the same std sigma_t sqrt(-dt), so their exact KL is
+    ||mu_theta - mu_ref||^2 / (2 sigma_t^2 |dt|): this form is the exact KL times |dt| (3.7-25x smaller at 10
+    steps, shift 3). Using it makes a beta copied from a paper's config mean what it means there."""
+    sig, sig_next = _per_sample(sigma, mean), _per_sample(sigma_next, mean)
+    std_t = _sigma_t(sig, sig_next, noise_level).flatten()
+    return ((mean.float() - mean_ref.float()) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std_t**2)
+
+
 class Rollout(NamedTuple):
     latents: torch.Tensor  # (B, T + 1, ...) the states x_{t_0} ... x_{t_T} visited from `start`
     log_probs: torch.Tensor  # (B, T) log-prob of each transition; 0 where the step was the ODE
 
 
-def rollout(policy, cond, x, sigmas, noise_levels, guidance: float, generator=None, start: int = 0) -> Rollout:
+def rollout(policy, cond, x, sigmas, noise_levels, guidance: float, generator=None, start: int = 0,
+            chunk: int = 0) -> Rollout:
     """Sample from step `start` to the end of `sigmas`, with noise level noise_levels[i] on step i
-    (0 = ODE step). Keeps every state and the log-prob of every stochastic transition."""
+    (0 = ODE step). Keeps every state and the log-prob of every stochastic transition. chunk > 0 samples the
+    rows in chunks of that many, one after the other (less memory, the same distribution)."""
+    if 0 < chunk < len(x):
+        parts = [rollout(policy, index_cond(cond, rows), x[rows], sigmas, noise_levels, guidance, generator, start)
+                 for rows in torch.arange(len(x), device=x.device).split(chunk)]
+        return Rollout(torch.cat([p.latents for p in parts]), torch.cat([p.log_probs for p in parts]))
     latents, log_probs = [x.float()], []
     for i in range(start, len(sigmas) - 1):
         v = policy.velocity(x, sigmas[i], cond, guidance)
@@ -152,17 +298,20 @@ def flow_matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tens
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, global_std: bool = False, eps: float = 1e-4):
     """A_i = (r_i - mean of its group) / (std + eps), the std taken within the group or over the whole batch.
     `groups` holds one integer id per sample (the prompt's index); a group needs at least 2 samples."""
-    rewards = rewards.float()
+    rewards = rewards.double()  # float64: equal rewards get exactly 0 (float32's mean of them can be off by a rounding)
     adv = torch.empty_like(rewards)
-    batch_std = rewards.std(unbiased=False)
+    if global_std:  # the population std of every rank's rewards: the global mean first, then the squared deviations
+        n = all_reduce(torch.tensor([rewards.sum().item(), len(rewards)], dtype=torch.float64))
+        dev2 = all_reduce(((rewards - n[0] / n[1]) ** 2).sum().view(1))
+        batch_std = (dev2[0] / n[1]).sqrt()
     for g in groups.unique():
         m = groups == g
         if m.sum() < 2:
             raise ValueError("a group needs at least 2 samples to have an advantage: raise --group-size")
         r = rewards[m]
-        std = batch_std if global_std else r.std(unbiased=False)
+        std = batch_std if global_std else r.std(unbiased=False)  # groups never span ranks
         adv[m] = (r - r.mean()) / (std + eps)
-    return adv
+    return adv.float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,6 +325,7 @@ def index_cond(cond: dict, idx) -> dict:
     return {k: v[idx] for k, v in cond.items()}
 
 
+GRID_PROMPTS = 64  # the evaluation grid shows the first sample of the first this many held-out prompts
 DECODE_CHUNK = 8  # images per VAE decode call: at 512-1024 px the VAE's activations set the peak memory
 ENCODE_CHUNK = 32  # prompts per text-encoder call when filling the prompt cache
 FLUX_MAX_TOKENS = 512  # T5 tokens of FLUX prompts (FluxPipeline's default max_sequence_length)
@@ -377,10 +527,10 @@ def weight_memory(policy: Policy) -> str:
 SHAPES_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out"]
 SD3_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
-# FLUX: the same names cover the double blocks' joint attention and the single blocks' attention (to_q / to_k /
-# to_v); single blocks have no to_out, their proj_out (attention and MLP outputs -> dim) is added per block in
-# lora_targets, so that the final output layer, also named proj_out, is not adapted
-FLUX_LORA_TARGETS = SD3_LORA_TARGETS
+# FLUX, as Flow-GRPO's FLUX trainer: the same attention names (the double blocks' joint attention, and to_q / to_k /
+# to_v of the single blocks, which have no to_out) plus the double blocks' feed-forward layers of both streams; the
+# single blocks' proj_out and proj_mlp are not adapted
+FLUX_LORA_TARGETS = SD3_LORA_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 
 
 def shapes_policy(unet, text_encoder, tokenizer, device) -> Policy:
@@ -410,11 +560,16 @@ def load_shapes_base(path: Path = SHAPES_BASE):
 
 
 def _cannot_load(model: str, e: Exception) -> SystemExit:
+    cause = f"cannot load --model {model!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}\n"
+    folder = Path(model).expanduser()
+    if folder.exists() or model.startswith(("/", ".", "~")):  # a local path: no download can help
+        what = "does not exist" if not folder.exists() else "is not a complete diffusers pipeline folder"
+        return SystemExit(cause + f"The folder {folder} {what}: pass a folder written by the pipeline's "
+                          f"save_pretrained (model_index.json and one subfolder per component), or a hub id.")
     return SystemExit(
-        f"cannot load --model {model!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}\n"
-        f"It is neither a local diffusers folder nor in the Hugging Face cache (and the hub is "
-        f"unreachable or HF_HUB_OFFLINE=1 is set). Fetch it once where the hub is reachable with "
-        f"`huggingface-cli download {model}` (gated models need `huggingface-cli login`), or pass a local folder.")
+        cause + f"It is not in the Hugging Face cache (and the hub is unreachable or HF_HUB_OFFLINE=1 is set). "
+        f"Fetch it once where the hub is reachable with `hf download {model}` (`huggingface-cli download` with "
+        f"huggingface_hub < 1.0; gated models need `hf auth login` first), or pass a local folder.")
 
 
 def _load_pipeline(cls, model: str, device, dtype):
@@ -527,14 +682,19 @@ def load_policy(model: str | None, device, mixed_precision: str = "bf16", resolu
     return policy
 
 
+DEFAULT_LORA_RANK = {"shapes": 0, "sd3": 32, "flux": 64}  # shapes: every weight; SD3 / FLUX: the references' LoRA
+
+
+def lora_config(policy: Policy, rank: int | None, alpha: float | None) -> tuple[int, float]:
+    """--lora-rank and --lora-alpha resolved: unset rank -> the backend's default, unset alpha -> 2 x rank."""
+    rank = DEFAULT_LORA_RANK[policy.backend] if rank is None else rank
+    return rank, 2.0 * rank if alpha is None else alpha
+
+
 def lora_targets(policy: Policy) -> list[str]:
     if policy.backend == "shapes":
         return SHAPES_LORA_TARGETS
-    if policy.backend == "sd3":
-        return SD3_LORA_TARGETS
-    singles = [n for n, _ in policy.denoiser.named_modules()
-               if n.startswith("single_transformer_blocks.") and n.endswith(".proj_out")]
-    return FLUX_LORA_TARGETS + singles
+    return SD3_LORA_TARGETS if policy.backend == "sd3" else FLUX_LORA_TARGETS
 
 
 @contextlib.contextmanager
@@ -573,6 +733,22 @@ class EMA:
         return swapped_params(self.params, self.shadow)
 
 
+ONPOLICY_TOLERANCE = 1e-3
+_WARNED: set[str] = set()
+
+
+def warn_off_policy(stats: dict) -> None:
+    """Warn once when the first minibatch's ratio, which is on-policy and must be 1, is off by more than 1e-3:
+    the recomputed log-prob differs from the sampled one (in bf16 it can depend on the batch size; a port of a new
+    model that gets this wrong trains on noise)."""
+    err = stats.get("train/onpolicy_ratio_err", 0.0)
+    if err > ONPOLICY_TOLERANCE and "onpolicy" not in _WARNED:
+        _WARNED.add("onpolicy")
+        print(f"warning: train/onpolicy_ratio_err {err:.2e} > {ONPOLICY_TOLERANCE:g}: the first minibatch's ratio "
+              "should be exactly 1; the training forward pass does not reproduce the sampler's log-probs "
+              "(try --mixed-precision fp32 to check whether half precision is the cause)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Prompts
 # ----------------------------------------------------------------------------------------------
@@ -582,9 +758,11 @@ def load_prompts(path: str | None, split: str) -> list[str]:
         from shapes import prompt_split
 
         return prompt_split(split)
+    if not Path(path).is_file():
+        raise SystemExit(f"prompts file {path} does not exist: pass a text file with one prompt per line")
     lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
     if not lines:
-        raise SystemExit(f"--prompts file {path} holds no prompts")
+        raise SystemExit(f"prompts file {path} holds no prompts: write one prompt per line")
     return lines
 
 
@@ -596,21 +774,28 @@ def sample_and_score(policy: Policy, prompts: list[str], reward_fn, per_prompt: 
                      guidance: float, seed: int, noise_level: float = 0.0, batch_size: int = 64):
     """Sample every prompt `per_prompt` times, in chunks of `batch_size`, and score the images. One generator
     seeded with `seed` draws the starting noise and, for noise_level > 0, the SDE's noise (the ODE draws none).
-    Returns (scores in prompt order, {info key: per-sample values}, the first image of each prompt)."""
+    Under torchrun chunk c runs on rank c mod N and the scores are gathered; every rank draws every chunk's
+    starting noise, so the ODE's images do not depend on the number of processes.
+    Returns (scores in prompt order, {info key: per-sample values}, the first image of each of the first
+    GRID_PROMPTS prompts)."""
     sigmas = policy.sigmas(num_steps, shift)
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     all_prompts = [p for p in prompts for _ in range(per_prompt)]
-    scores, infos, firsts = [], [], []
-    for i in range(0, len(all_prompts), batch_size):
+    done = {}  # chunk index -> (scores, info, first images) of this rank's chunks
+    for c, i in enumerate(range(0, len(all_prompts), batch_size)):
         chunk = all_prompts[i:i + batch_size]
         x = policy.noise(len(chunk), gen)
+        if c % world_size() != rank():
+            continue
         out = rollout(policy, policy.encode(chunk), x, sigmas, [noise_level] * num_steps, guidance, gen)
         images = policy.decode(out.latents[:, -1])
         s, info = reward_fn(images, chunk)
-        scores.append(s)
-        infos.append(info)
-        firsts += [img for j, img in enumerate(images) if (i + j) % per_prompt == 0]
-    return torch.cat(scores), {key: torch.cat([inf[key] for inf in infos]) for key in infos[0]}, torch.stack(firsts)
+        firsts = [img.cpu() for j, img in enumerate(images) if (i + j) % per_prompt == 0]
+        done[c] = (s.cpu(), {k: v.cpu() for k, v in info.items()}, firsts[:max(0, GRID_PROMPTS - (i + per_prompt - 1) // per_prompt)])
+    done = {c: v for part in all_gather_objects(done) for c, v in part.items()}  # every rank's chunks
+    parts = [done[c] for c in sorted(done)]
+    return (torch.cat([p[0] for p in parts]), {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]},
+            torch.stack([img for p in parts for img in p[2]]))
 
 
 def evaluate(policy: Policy, prompts: list[str], reward_fn, per_prompt: int, num_steps: int, shift: float,
@@ -637,10 +822,13 @@ def new_run_dir(out: str | None, name: str) -> Path:
 class Logger:
     """metrics.jsonl (one object per log point: step, wall_time, metrics), TensorBoard, wandb behind --track."""
 
-    def __init__(self, run_dir: Path, config: dict, track: bool = False, start_time: float | None = None):
+    def __init__(self, run_dir: Path, config: dict, track: bool = False, start_time: float | None = None,
+                 enabled: bool = True):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.run_dir, self.t0 = run_dir, start_time if start_time is not None else time.time()
+        self.run_dir, self.t0, self.enabled = run_dir, start_time if start_time is not None else time.time(), enabled
+        if not enabled:  # under torchrun, ranks other than 0 log nothing
+            return
         self.tb = SummaryWriter(str(run_dir))
         self.tb.add_text("config", "\n".join(f"{k}: {v}" for k, v in config.items()))
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
@@ -651,6 +839,8 @@ class Logger:
             self.wandb = wandb.init(project="cleanflowrl", name=run_dir.name, config=config, dir=str(run_dir))
 
     def log(self, step: int, metrics: dict, wall_offset: float = 0.0) -> None:
+        if not self.enabled:
+            return
         wall = time.time() - self.t0 + wall_offset
         self.jsonl.write(json.dumps({"step": step, "wall_time": round(wall, 3), **metrics}) + "\n")
         self.jsonl.flush()
@@ -660,6 +850,8 @@ class Logger:
             self.wandb.log(metrics, step=step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.jsonl.close()
         self.tb.close()
         if self.wandb is not None:
@@ -691,7 +883,30 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise SystemExit(f"--resume: no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_checkpoint(resume: str, args: dict) -> tuple[dict, Path]:
+    """--resume (a run folder or its checkpoint file): the checkpoint and the run folder. Read with
+    weights_only=True (tensors and plain types only, so a run folder someone shared cannot run code) onto the CPU,
+    and checked against this run's arguments before the model loads: the same --model, and the same LoRA where
+    this run sets one."""
+    path = Path(resume)
+    file = path / "checkpoint.pt" if path.is_dir() else path
+    if not file.is_file():
+        raise SystemExit(f"--resume {resume}: no checkpoint at {file}")
+    ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    saved = ckpt["args"]
+    for key in ("model", "lora_rank", "lora_alpha"):
+        if (key == "model" or args[key] is not None) and args[key] != saved[key]:
+            raise SystemExit(f"--resume {resume}: the run was saved with --{key.replace('_', '-')} {saved[key]}, "
+                             f"this one has {args[key]}; resume with the run's own settings")
+    return ckpt, file.parent
+
+
+def to_device(obj, device):
+    """Every tensor in nested dicts / lists / tuples moved to `device` (checkpoints load onto the CPU)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj

@@ -27,9 +27,11 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from common import (EMA, Logger, index_cond, load_checkpoint, load_policy, load_prompts, lora_targets, new_run_dir,
-                    pick_device, rollout, save_checkpoint, save_grid, sde_step, seed_everything,
-                    evaluate, weight_memory)
+from common import (EMA, Logger, all_gather_objects, all_reduce, close_distributed, evaluate, gather_scores,
+                    index_cond, init_distributed, load_checkpoint, load_policy, load_prompts, local_minibatches,
+                    lora_config, lora_targets, new_run_dir, pick_device, print0, reduce_metrics, rollout,
+                    save_checkpoint, save_grid, sde_step, seed_everything, step_kl, sync_gradients, to_device,
+                    warn_off_policy, weight_memory)
 from rewards import make_reward
 
 
@@ -50,7 +52,8 @@ class Args:
     """budget of training minutes (sampling, reward, update; evaluations excluded): stop after the iteration that
     passes it, then evaluate and save (0: run every --steps)"""
     prompts_per_step: int = 8
-    """distinct prompts sampled per iteration"""
+    """distinct prompts sampled per iteration, over all processes (drawn without replacement from the training
+    prompts); under torchrun each of N processes samples and trains prompts_per_step / N of them, whole groups"""
     group_size: int = 8
     """images per prompt (G); the group's rewards give each image its advantage"""
     num_steps: int = 10
@@ -71,10 +74,11 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
-    lora_rank: int = 0
-    """LoRA rank; 0 fine-tunes every weight of the denoiser (the reference is then a frozen copy)"""
-    lora_alpha: float = 64.0
-    """LoRA alpha (scale alpha / rank)"""
+    lora_rank: int | None = None
+    """LoRA rank; 0 fine-tunes every weight of the denoiser (the reference is then a frozen copy); unset: the
+    backend's default: shapes 0, SD3 32, FLUX 64 (the reference trainers' LoRA)"""
+    lora_alpha: float | None = None
+    """LoRA alpha (scale alpha / rank); unset: 2 x rank (SD3 64, FLUX 128, as the reference trainers)"""
     ema_decay: float = 0.9
     """EMA of the trainable weights used for evaluation; 0 evaluates the live weights"""
     eval_every: int = 10
@@ -99,6 +103,9 @@ class Args:
     """also log to Weights & Biases"""
     gradient_checkpointing: bool = False
     """recompute the denoiser's activations in the backward pass (less memory, about one more forward pass per update)"""
+    sample_batch: int = 0
+    """images per sampling forward pass (the reference's per-GPU sample batch): rollouts run in chunks of this many;
+    0: all of this process's images at once"""
     micro_batch: int = 0
     """denoiser inputs per forward/backward pass of the update, gradients accumulated (the same update in less
     memory; the branching methods count parent states); 0: the whole minibatch at once"""
@@ -155,26 +162,29 @@ def granular_schedule(sigmas: torch.Tensor, k: int, lam: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_batch(policy, prompts: list[str], state: dict, args: Args, gen: torch.Generator) -> dict:
+def sample_batch(policy, prompts: list[str], state: dict, args: Args, gen: torch.Generator,
+                 shared_gen: torch.Generator) -> dict:
     """One anchor ODE trajectory per prompt from one initial noise x_1. At each branching step k its state x_k is
     the shared parent of G children that take one SDE step there; each child is finished with the ODE at every
     granularity lambda, one image each, all scoring step k alone.
-    Parents are ordered (k, prompt); children (parent, i); images (parent, i, lambda)."""
+    Parents are ordered (k, prompt); children (parent, i); images (parent, i, lambda). Rollouts run in chunks of
+    --sample-batch rows."""
     G, T = args.group_size, args.num_steps
     sigmas = policy.sigmas(T, args.shift)
     ks = branch_steps(args)
     cond = policy.encode(prompts)
     n = len(prompts)
-    main = rollout(policy, cond, policy.noise(n, gen), sigmas, [0.0] * T, args.guidance, gen)
+    main = rollout(policy, cond, policy.noise(n, gen), sigmas, [0.0] * T, args.guidance, gen, chunk=args.sample_batch)
     kid = torch.arange(n).repeat_interleave(G)
     nexts, log_probs, images = [], [], []
     for k in ks:  # x_k shared by G children: SDE on step k, then the ODE at each granularity
         out = rollout(policy, index_cond(cond, kid), main.latents[kid, k], sigmas[:k + 2], noise_levels(k, args),
-                      args.guidance, gen, start=k)
+                      args.guidance, gen, start=k, chunk=args.sample_batch)
         nexts.append(out.latents[:, 1].unflatten(0, (n, G)))
         log_probs.append(out.log_probs[:, 0].view(n, G))
         finals = [rollout(policy, index_cond(cond, kid), out.latents[:, 1], granular_schedule(sigmas, k, lam),
-                          [0.0] * T, args.guidance, start=k + 1).latents[:, -1] for lam in args.granularities]
+                          [0.0] * T, args.guidance, start=k + 1, chunk=args.sample_batch).latents[:, -1]
+                  for lam in args.granularities]
         images.append(policy.decode(torch.stack(finals, 1).flatten(0, 1)))
     parent = torch.arange(n).repeat(len(ks))
     image_prompt = kid.repeat_interleave(len(args.granularities)).repeat(len(ks))
@@ -211,30 +221,33 @@ def child_terms(policy, batch: dict, nodes: torch.Tensor, adv: torch.Tensor, k: 
     a = adv[nodes].flatten().to(policy.device)
     clipped = torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
     kl = torch.zeros_like(ratio)
-    if args.beta > 0:  # KL of two Gaussians with the same std: ||mu - mu_ref||^2 / (2 std^2)
+    if args.beta > 0:  # the reference's ||mu - mu_ref||^2 / (2 sigma_t^2): the exact KL of the two steps times |dt|
         with torch.no_grad(), policy.reference():
             v_ref = policy.velocity(x, sig[k], cond, args.guidance).repeat_interleave(c, 0)
         mean_ref = sde_step(xs, v_ref, sig[k], sig[k + 1], args.noise_level, prev_sample=x_next).mean
-        kl = ((step.mean - mean_ref) ** 2).mean(dim=tuple(range(1, x.ndim))) / (2 * step.std.flatten() ** 2)
+        kl = step_kl(step.mean, mean_ref, sig[k], sig[k + 1], args.noise_level)
     return torch.maximum(-a * ratio, -a * clipped), kl, ratio
 
 
 def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, args: Args,
                    gen: torch.Generator) -> dict:
     """PPO-clipped update of each child's one stochastic transition; one velocity evaluation per shared parent
-    state serves all its children. Parents whose children all have advantage 0 are skipped. One optimiser step
-    per minibatch of consecutive branching steps, in order of k (one per k: the reference)."""
+    state serves all its children. With beta = 0, parents whose children all have advantage 0 are skipped. One
+    optimiser step per minibatch of consecutive branching steps, in order of k (one per k: the reference); every
+    rank trains its own prompts' parents at those steps, the gradient summed over the ranks."""
     c = adv.shape[1]
-    keep = adv.ne(0).any(1).nonzero().flatten()  # parents with some signal
+    # parents with some signal; with beta > 0 every parent, since its KL term has a gradient (as the reference)
+    keep = torch.arange(len(adv)) if args.beta > 0 else adv.ne(0).any(1).nonzero().flatten()
     stats = {"loss/policy": 0.0, "loss/kl": 0.0, "train/clipfrac": 0.0, "train/ratio": 0.0}  # sums over children
-    count, skipped = 0, 0
-    for ks in batch["steps"].unique().chunk(args.minibatches):  # consecutive branching steps, in order of k
+    count, skipped, onpolicy_err = 0, 0, 0.0
+    for i, ks in enumerate(batch["steps"].unique().chunk(args.minibatches)):  # consecutive branching steps, by k
         mb = keep[torch.isin(batch["steps"][keep], ks)]
+        size = int(all_reduce(torch.tensor([len(mb)]))[0])  # the minibatch's parents over every rank
         opt.zero_grad(set_to_none=True)
         for k in batch["steps"][mb].unique().tolist():
             for nodes in mb[batch["steps"][mb] == k].split(args.micro_batch or len(mb)):  # micro-batches of parents
                 policy_loss, kl, ratio = child_terms(policy, batch, nodes, adv, k, args)
-                loss = (policy_loss + args.beta * kl).sum() / (len(mb) * c)  # the mean over the minibatch's children
+                loss = (policy_loss + args.beta * kl).sum() / (size * c)  # the mean over the minibatch's children
                 if not torch.isfinite(loss):
                     skipped += 1
                     continue
@@ -244,10 +257,13 @@ def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, arg
                 stats["train/clipfrac"] += ((ratio - 1).abs() > args.clip_range).float().sum().item()
                 stats["train/ratio"] += ratio.sum().item()
                 count += len(ratio)
+                if i == 0:  # before the first optimiser step: the ratio must be exactly 1
+                    onpolicy_err = max(onpolicy_err, (ratio.detach() - 1).abs().max().item())
+        sync_gradients(policy.trainable_parameters())
         torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
         opt.step()
     return {**{k: v / max(count, 1) for k, v in stats.items()}, "train/skipped": skipped,
-            "train/zero_adv": 1 - len(keep) / len(adv)}
+            "train/zero_adv": 1 - adv.ne(0).any(1).float().mean().item(), "train/onpolicy_ratio_err": onpolicy_err}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,8 +272,14 @@ def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, arg
 def check_args(args: Args) -> None:
     if args.group_size < 2:
         raise SystemExit(f"--group-size {args.group_size}: a group needs at least 2 images to have an advantage")
-    if args.prompts_per_step < 1 or args.steps < 0 or args.num_steps < 2:
-        raise SystemExit("--prompts-per-step >= 1, --steps >= 0 and --num-steps >= 2 are required")
+    if args.prompts_per_step < 1 or args.steps < 0:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} / --steps {args.steps}: use at least 1 prompt "
+                         "per iteration and 0 or more iterations")
+    if args.num_steps < 2:
+        raise SystemExit(f"--num-steps {args.num_steps}: a rollout needs at least 2 sampling steps (the last one is "
+                         "never trained)")
+    if args.mixed_precision not in ("bf16", "fp16", "fp32"):
+        raise SystemExit(f"--mixed-precision {args.mixed_precision!r}: choose bf16, fp16 or fp32")
     if args.minibatches < 1 or args.minibatches > args.prompts_per_step * args.group_size:
         raise SystemExit(f"--minibatches must be between 1 and the batch size ({args.prompts_per_step * args.group_size})")
     if args.micro_batch < 0:
@@ -269,51 +291,63 @@ def main(args: Args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    seed_everything(args.seed)
+    rank, world = init_distributed(device)  # under torchrun: one process per GPU; otherwise a world of size 1
+    if args.prompts_per_step % world:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} counts every process's prompts: make it a "
+                         f"multiple of the {world} processes")
+    seed_everything(args.seed)  # the same on every rank: the same initial adapter weights
     try:
         reward_fn = make_reward(args.reward)
     except ValueError as e:
         raise SystemExit(f"--reward: {e}") from None
     train_prompts = load_prompts(args.prompts, "train")
     eval_prompts = load_prompts(args.eval_prompts, "eval")
+    if args.prompts_per_step > len(train_prompts):
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step}: an iteration draws distinct prompts, and the "
+                         f"training prompts hold {len(train_prompts)}")
+    ckpt, run_dir = load_checkpoint(args.resume, asdict(args)) if args.resume else ({}, None)  # checked before loading
+    if ckpt:  # the run keeps the LoRA it was saved with (flags that were set match it: load_checkpoint checked)
+        args.lora_rank, args.lora_alpha = ckpt["args"]["lora_rank"], ckpt["args"]["lora_alpha"]
     policy = load_policy(args.model, device, args.mixed_precision, args.resolution, args.gradient_checkpointing)
     if args.shift is None:
         args.shift = policy.default_shift  # the model's own (FLUX: e^mu of its resolution); logged and saved resolved
+    args.lora_rank, args.lora_alpha = lora_config(policy, args.lora_rank, args.lora_alpha)  # resolved, as the shift
     policy.add_lora(args.lora_rank, args.lora_alpha, lora_targets(policy))
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    print(f"{policy.backend} on {device}: {sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.2f}M trainable "
-          f"parameters; shift {args.shift:.3f}; per iteration {args.prompts_per_step} prompts x {args.group_size} images "
-          f"= {args.prompts_per_step * args.group_size} rollouts (the branching methods score more images), "
-          f"{args.minibatches} minibatches = up to {args.minibatches} optimiser steps"
-          f"{f' in micro-batches of {args.micro_batch}' if args.micro_batch else ''}; "
-          f"{args.steps} iterations = up to {args.steps * args.minibatches} optimiser steps")
+    print0(f"{policy.backend} on {device}{f' (rank 0 of {world} processes)' if world > 1 else ''}: "
+           f"{sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.2f}M trainable parameters; shift "
+           f"{args.shift:.3f}; per iteration {args.prompts_per_step} prompts x {args.group_size} images = "
+           f"{args.prompts_per_step * args.group_size} rollouts (the branching methods score more images), "
+           f"{args.minibatches} minibatches = up to {args.minibatches} optimiser steps"
+           f"{f' in micro-batches of {args.micro_batch}' if args.micro_batch else ''}; "
+           f"{args.steps} iterations = up to {args.steps * args.minibatches} optimiser steps")
     if policy.backend != "shapes":
-        print(weight_memory(policy))
+        print0(weight_memory(policy))
     if args.dry_run:
-        print("--dry-run: exiting before training")
+        print0("--dry-run: exiting before training")
         return {}
     if args.offload_text_encoders:
         policy.offload_text_encoders(train_prompts + eval_prompts)
     ema = EMA(policy.trainable_parameters(), args.ema_decay)
     state = init_state(policy, args)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    cpu_gen = torch.Generator().manual_seed(args.seed)
-    prompt_rng = random.Random(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1_000_003 * rank)  # this rank's sampling noise
+    cpu_gen = torch.Generator().manual_seed(args.seed)  # the same on every rank: minibatches, timesteps, windows
+    prompt_rng = random.Random(args.seed)  # the same on every rank: the global draw of prompts
     start, wall_offset, samples, train_time = 0, 0.0, 0, 0.0
-    run_dir = Path(args.resume) if args.resume else new_run_dir(args.out, Path(__file__).stem)
-    if args.resume:
-        ckpt = load_checkpoint(run_dir / "checkpoint.pt" if run_dir.is_dir() else run_dir)
-        run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+    run_dir = run_dir or Path(all_gather_objects(new_run_dir(args.out, Path(__file__).stem) if rank == 0 else None)[0])
+    if ckpt:
+        if len(ckpt["gen"]) != world:
+            raise SystemExit(f"--resume: the run was saved by {len(ckpt['gen'])} processes; resume it with as many")
         policy.load_trainable_state(ckpt["trainable"])
-        opt.load_state_dict(ckpt["optimizer"])
-        ema.shadow = ckpt["ema"]
-        state = ckpt["state"]
-        gen.set_state(ckpt["gen"])
+        opt.load_state_dict(ckpt["optimizer"])  # moves its state to the parameters' device
+        ema.shadow = to_device(ckpt["ema"], device)
+        state = to_device(ckpt["state"], device)
+        gen.set_state(ckpt["gen"][rank])
         cpu_gen.set_state(ckpt["cpu_gen"])
         prompt_rng.setstate(ckpt["prompt_rng"])
         start, wall_offset, samples, train_time = ckpt["step"], ckpt["wall_time"], ckpt["samples"], ckpt["train_time"]
-        print(f"resumed {run_dir} at iteration {start}")
-    logger = Logger(run_dir, asdict(args), args.track)
+        print0(f"resumed {run_dir} at iteration {start}")
+    logger = Logger(run_dir, asdict(args), args.track, enabled=rank == 0)
     t_start = time.time()
 
     def wall() -> float:
@@ -323,40 +357,47 @@ def main(args: Args) -> dict:
         t0 = time.time()
         with ema.swapped_in():  # decay 0: the shadow is the live weights
             metrics, images = evaluate(policy, eval_prompts, reward_fn, args.eval_per_prompt, args.eval_num_steps,
-                                       args.shift, args.guidance, seed=args.seed + 10_000)
-        save_grid(images, run_dir / f"eval_{step:05d}.png", nrow=8, scale=4 if policy.backend == "shapes" else 1)
+                                       args.shift, args.guidance, seed=args.seed + 10_000)  # split over the ranks
+        if rank == 0:
+            save_grid(images, run_dir / f"eval_{step:05d}.png", nrow=8, scale=4 if policy.backend == "shapes" else 1)
         metrics["time/eval"] = time.time() - t0
         logger.log(step, metrics, wall_offset)
         return metrics
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir / "checkpoint.pt", {
-            "trainable": policy.trainable_state(), "optimizer": opt.state_dict(), "ema": ema.shadow, "state": state,
-            "gen": gen.get_state(), "cpu_gen": cpu_gen.get_state(), "prompt_rng": prompt_rng.getstate(),
-            "step": step, "wall_time": wall(), "samples": samples, "train_time": train_time, "args": asdict(args)})
+        gens = all_gather_objects(gen.get_state())  # every rank's sampling generator; the rest is the same everywhere
+        if rank == 0:
+            save_checkpoint(run_dir / "checkpoint.pt", {
+                "trainable": policy.trainable_state(), "optimizer": opt.state_dict(), "ema": ema.shadow, "state": state,
+                "gen": gens, "cpu_gen": cpu_gen.get_state(), "prompt_rng": prompt_rng.getstate(), "step": step,
+                "wall_time": wall(), "samples": samples, "train_time": train_time, "args": asdict(args)})
 
     last_eval, done = (run_eval(start) if start == 0 else {}), start
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=Path(__file__).stem)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=Path(__file__).stem, disable=rank > 0)
     for step in bar:
         policy.clock.update(forward=0.0, backward=0.0)
         t0 = time.time()
-        prompts = prompt_rng.choices(train_prompts, k=args.prompts_per_step)
-        batch = sample_batch(policy, prompts, state, args, gen)
+        prompts = prompt_rng.sample(train_prompts, k=args.prompts_per_step)  # distinct, the same on every rank
+        mine = prompts[rank * len(prompts) // world:(rank + 1) * len(prompts) // world]  # this rank's groups
+        batch = sample_batch(policy, mine, state, args, gen, cpu_gen)
         t1 = time.time()
         rewards, info = reward_fn(batch["images"], batch["prompts"])
-        adv = compute_advantages(batch, rewards, info, args)
+        adv = compute_advantages(batch, rewards, info, args)  # batch-wide statistics over every rank
         t2 = time.time()
-        stats = train_on_batch(policy, opt, batch, adv, state, args, cpu_gen)
+        stats = train_on_batch(policy, opt, batch, adv, state, args, cpu_gen)  # gradients summed over the ranks
+        warn_off_policy(stats)  # the first minibatch is on-policy: its ratio must be 1
         ema.update()
         t3 = time.time()
+        rewards, info, adv = gather_scores(rewards, info, adv)  # every rank's, for the log
         samples += len(rewards)  # images scored so far (more than prompts x group for the branching methods)
         train_time += t3 - t0  # seconds of sampling, scoring and training so far (no evaluations)
-        metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-                   **{f"reward/{k}": v.nanmean().item() for k, v in info.items() if not v.isnan().all()},
-                   "adv/abs_mean": adv.abs().mean().item(), **stats,
-                   "time/sample": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
-                   "time/forward": policy.clock["forward"], "time/backward": policy.clock["backward"],
-                   "samples": samples, "train_time": train_time}
+        metrics = reduce_metrics({  # averaged over the ranks, so every rank sees the same numbers and stops together
+            "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+            **{f"reward/{k}": v.nanmean().item() for k, v in info.items() if not v.isnan().all()},
+            "adv/abs_mean": adv.abs().mean().item(), **stats, "time/sample": t1 - t0, "time/reward": t2 - t1,
+            "time/train": t3 - t2, "time/forward": policy.clock["forward"], "time/backward": policy.clock["backward"],
+            "samples": samples, "train_time": train_time})
+        train_time = metrics["train_time"]
         logger.log(step + 1, metrics, wall_offset)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval=f"{last_eval.get('eval/score', float('nan')):.3f}")
         done = step + 1
@@ -369,7 +410,8 @@ def main(args: Args) -> dict:
             break
     logger.close()
     scores = ", ".join(f"{k} {last_eval[k]:.3f}" for k in ("eval/score", "eval/strict") if k in last_eval)
-    print(f"done: {done} iterations in {wall() / 60:.1f} min; {scores}; run folder {run_dir}")
+    print0(f"done: {done} iterations in {wall() / 60:.1f} min; {scores}; run folder {run_dir}")
+    close_distributed()
     return last_eval
 
 

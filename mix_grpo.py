@@ -30,9 +30,11 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from common import (EMA, Logger, group_advantages, index_cond, load_checkpoint, load_policy, load_prompts,
-                    lora_targets, new_run_dir, pick_device, rollout, save_checkpoint, save_grid, sde_step,
-                    seed_everything, evaluate, weight_memory)
+from common import (EMA, Logger, all_gather_objects, close_distributed, evaluate, gather_scores, global_rows,
+                    group_advantages, index_cond, init_distributed, load_checkpoint, load_policy, load_prompts,
+                    local_minibatches, lora_config, lora_targets, new_run_dir, pick_device, print0, reduce_metrics,
+                    rollout, save_checkpoint, save_grid, sde_step, seed_everything, step_kl, sync_gradients,
+                    to_device, warn_off_policy, weight_memory)
 from rewards import make_reward, parse_reward_spec
 
 
@@ -53,7 +55,8 @@ class Args:
     """budget of training minutes (sampling, reward, update; evaluations excluded): stop after the iteration that
     passes it, then evaluate and save (0: run every --steps)"""
     prompts_per_step: int = 8
-    """distinct prompts sampled per iteration"""
+    """distinct prompts sampled per iteration, over all processes (drawn without replacement from the training
+    prompts); under torchrun each of N processes samples and trains prompts_per_step / N of them, whole groups"""
     group_size: int = 8
     """images per prompt (G); the group's rewards give each image its advantage"""
     num_steps: int = 10
@@ -74,10 +77,11 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
-    lora_rank: int = 0
-    """LoRA rank; 0 fine-tunes every weight of the denoiser (the reference is then a frozen copy)"""
-    lora_alpha: float = 64.0
-    """LoRA alpha (scale alpha / rank)"""
+    lora_rank: int | None = None
+    """LoRA rank; 0 fine-tunes every weight of the denoiser (the reference is then a frozen copy); unset: the
+    backend's default: shapes 0, SD3 32, FLUX 64 (the reference trainers' LoRA)"""
+    lora_alpha: float | None = None
+    """LoRA alpha (scale alpha / rank); unset: 2 x rank (SD3 64, FLUX 128, as the reference trainers)"""
     ema_decay: float = 0.9
     """EMA of the trainable weights used for evaluation; 0 evaluates the live weights"""
     eval_every: int = 10
@@ -102,6 +106,9 @@ class Args:
     """also log to Weights & Biases"""
     gradient_checkpointing: bool = False
     """recompute the denoiser's activations in the backward pass (less memory, about one more forward pass per update)"""
+    sample_batch: int = 0
+    """images per sampling forward pass (the reference's per-GPU sample batch): rollouts run in chunks of this many;
+    0: all of this process's images at once"""
     micro_batch: int = 0
     """denoiser inputs per forward/backward pass of the update, gradients accumulated (the same update in less
     memory; the branching methods count parent states); 0: the whole minibatch at once"""
@@ -114,8 +121,9 @@ class Args:
     """a in sigma_t = a sqrt(t / (1 - t)): the SDE's noise level inside the window"""
     clip_range: float = 1e-3
     """PPO clip epsilon on the per-step ratio (the MixGRPO code: 1e-4)"""
-    beta: float = 0.04
-    """KL(pi_theta || pi_ref) coefficient on the window's steps (paper: 0 on FLUX, 0.001 on SD3.5-M)"""
+    beta: float = 0.5
+    """KL(pi_theta || pi_ref) coefficient on the window's steps, the reference code's KL form (paper: 0 on FLUX,
+    0.001 on SD3.5-M; 0.5 on shapes, as flow_grpo.py)"""
     adv_clip: float = 5.0
     """advantages are clipped to [-adv_clip, adv_clip]"""
     global_std: bool = False
@@ -123,7 +131,8 @@ class Args:
     window_size: int = 4
     """w: consecutive SDE steps per rollout, the only steps trained"""
     window_strategy: Literal["progressive", "frozen", "random"] = "progressive"
-    """how the window's first step l moves: by s every tau iterations, never (l = 0), or uniformly at random"""
+    """how the window's first step l moves: by s every tau iterations, never (l = 0), or uniformly at random in
+    [0, num_steps - 2 - w] (the reference's range)"""
     window_interval: int = 20
     """tau: iterations between two moves of the progressive window (paper: 25 on FLUX, 150 on SD3.5-M)"""
     window_stride: int = 1
@@ -144,6 +153,9 @@ class Args:
     def __post_init__(self):
         if not 1 <= self.window_size <= self.num_steps:
             raise SystemExit(f"--window-size {self.window_size}: it must be between 1 and --num-steps ({self.num_steps})")
+        if self.window_strategy == "random" and self.window_size > self.num_steps - 2:
+            raise SystemExit(f"--window-strategy random draws l in [0, num_steps - 2 - w]: --window-size "
+                             f"{self.window_size} must be at most --num-steps - 2 ({self.num_steps - 2})")
         if self.window_interval < 1 or self.window_stride < 0:
             raise SystemExit("--window-interval must be >= 1 and --window-stride >= 0")
         if self.flash_ratio is not None and not 0 < self.flash_ratio <= 1:
@@ -158,8 +170,8 @@ def window_start(iteration: int, args: Args, gen: torch.Generator) -> int:
     last = args.num_steps - args.window_size
     if args.window_strategy == "frozen" or args.flash_frozen:
         return 0
-    if args.window_strategy == "random":
-        return int(torch.randint(0, last + 1, (1,), generator=gen, device=gen.device))
+    if args.window_strategy == "random":  # the reference's range, [0, T - 2 - w]: its last two steps never train
+        return int(torch.randint(0, last - 1, (1,), generator=gen, device=gen.device))
     return min(args.window_stride * (iteration // args.window_interval), last)
 
 
@@ -205,9 +217,33 @@ def flash_finish(policy, cond, x, sigmas, x0_prev, sigma_prev, guidance: float) 
 
 
 @torch.no_grad()
-def sample_batch(policy, prompts: list[str], state: dict, args: Args, gen: torch.Generator) -> dict:
-    """G images per prompt from one shared x_1: ODE before the window, SDE in it, ODE (or Flash) after."""
-    l = window_start(state["iteration"], args, gen)
+def window_rollout(policy, cond: dict, x: torch.Tensor, sigmas: torch.Tensor, levels: list[float], end: int,
+                   args: Args, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk of images: ODE before the window, SDE in it, ODE (or Flash) after; (latents, log-probs, x0)."""
+    if args.flash or args.flash_frozen:
+        head = rollout(policy, cond, x, sigmas[:end], levels, args.guidance, gen)  # up to the window's last step
+        x = head.latents[:, -1]
+        v = policy.velocity(x, sigmas[end - 1], cond, args.guidance).float()
+        last = sde_step(x, v, sigmas[end - 1], sigmas[end], args.noise_level, generator=gen)
+        latents = torch.cat([head.latents, last.sample[:, None]], 1)
+        log_probs = torch.cat([head.log_probs, last.log_prob[:, None]], 1)
+        post = flash_sigmas(sigmas, end, flash_ratio(args), args.shift)
+        return latents, log_probs, flash_finish(policy, cond, last.sample, post, x - sigmas[end - 1] * v,
+                                                sigmas[end - 1], args.guidance)
+    out = rollout(policy, cond, x, sigmas, levels, args.guidance, gen)
+    return out.latents, out.log_probs, out.latents[:, -1]
+
+
+def flash_ratio(args: Args) -> float:
+    return args.flash_ratio or (0.2 if args.flash_frozen else 0.4)
+
+
+@torch.no_grad()
+def sample_batch(policy, prompts: list[str], state: dict, args: Args, gen: torch.Generator,
+                 shared_gen: torch.Generator) -> dict:
+    """G images per prompt from one shared x_1, in chunks of --sample-batch images; the window is the same on
+    every rank."""
+    l = window_start(state["iteration"], args, shared_gen)
     state["iteration"] += 1
     end = l + args.window_size
     all_prompts = [p for p in prompts for _ in range(args.group_size)]
@@ -216,19 +252,11 @@ def sample_batch(policy, prompts: list[str], state: dict, args: Args, gen: torch
     x = policy.noise(len(prompts), gen).repeat_interleave(args.group_size, 0) if args.same_noise \
         else policy.noise(len(all_prompts), gen)
     levels = [args.noise_level if l <= i < end else 0.0 for i in range(args.num_steps)]
-    if args.flash or args.flash_frozen:
-        head = rollout(policy, cond, x, sigmas[:end], levels, args.guidance, gen)  # up to the window's last step
-        x = head.latents[:, -1]
-        v = policy.velocity(x, sigmas[end - 1], cond, args.guidance).float()
-        last = sde_step(x, v, sigmas[end - 1], sigmas[end], args.noise_level, generator=gen)
-        latents = torch.cat([head.latents, last.sample[:, None]], 1)
-        log_probs = torch.cat([head.log_probs, last.log_prob[:, None]], 1)
-        post = flash_sigmas(sigmas, end, args.flash_ratio or (0.2 if args.flash_frozen else 0.4), args.shift)
-        x0 = flash_finish(policy, cond, last.sample, post, x - sigmas[end - 1] * v, sigmas[end - 1], args.guidance)
-        nfe = end + len(post) - 1
-    else:
-        out = rollout(policy, cond, x, sigmas, levels, args.guidance, gen)
-        latents, log_probs, x0, nfe = out.latents, out.log_probs, out.latents[:, -1], args.num_steps
+    chunks = [window_rollout(policy, index_cond(cond, rows), x[rows], sigmas, levels, end, args, gen)
+              for rows in torch.arange(len(x), device=x.device).split(args.sample_batch or len(x))]
+    latents, log_probs, x0 = (torch.cat(parts) for parts in zip(*chunks))
+    nfe = end + len(flash_sigmas(sigmas, end, flash_ratio(args), args.shift)) - 1 if args.flash or args.flash_frozen \
+        else args.num_steps
     return {"prompts": all_prompts, "groups": torch.arange(len(prompts)).repeat_interleave(args.group_size),
             "cond": cond, "latents": latents, "log_probs": log_probs, "sigmas": sigmas, "window": range(l, end),
             "nfe": nfe, "images": policy.decode(x0)}
@@ -262,27 +290,27 @@ def ppo_terms(policy, batch: dict, rows: torch.Tensor, j: int, a: torch.Tensor, 
     ratio = torch.exp(step.log_prob - batch["log_probs"][rows, j])
     clipped = torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
     kl = torch.zeros_like(ratio)
-    if args.beta > 0:  # KL of two Gaussians with the same std: ||mu - mu_ref||^2 / (2 std^2)
+    if args.beta > 0:  # the reference's ||mu - mu_ref||^2 / (2 sigma_t^2): the exact KL of the two steps times |dt|
         with torch.no_grad(), policy.reference():
             v_ref = policy.velocity(x, sig[j], cond, args.guidance)
         mean_ref = sde_step(x, v_ref, sig[j], sig[j + 1], args.noise_level, prev_sample=x_next).mean
-        kl = ((step.mean - mean_ref) ** 2).mean(dim=tuple(range(1, x.ndim))) / (2 * step.std.flatten() ** 2)
+        kl = step_kl(step.mean, mean_ref, sig[j], sig[j + 1], args.noise_level)
     return torch.maximum(-a * ratio, -a * clipped), kl, ratio
 
 
 def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, args: Args,
                    gen: torch.Generator) -> dict:
-    """PPO-clipped policy gradient over the trained steps, one optimiser step per minibatch."""
-    n = len(adv)
+    """PPO-clipped policy gradient over the trained steps, one optimiser step per minibatch (of the global batch:
+    this rank's rows of it, the gradient summed over the ranks)."""
     steps = batch["window"]  # only the window's steps: w forward/backward passes per image instead of T
     stats = {"loss/policy": 0.0, "loss/kl": 0.0, "train/clipfrac": 0.0, "train/ratio": 0.0, "train/skipped": 0}
-    count = 0  # (image, step) pairs trained; the statistics are sums over them
-    for mb in torch.randperm(n, generator=gen).chunk(args.minibatches):
+    count, onpolicy_err = 0, 0.0  # (image, step) pairs trained; the statistics are sums over them
+    for i, (mb, _, size) in enumerate(local_minibatches(global_rows(len(adv)), args.minibatches, gen)):
         opt.zero_grad(set_to_none=True)
         for j in steps:
-            for rows in mb.split(args.micro_batch or len(mb)):  # micro-batches: the same gradient, accumulated
+            for rows in mb.split(args.micro_batch or max(len(mb), 1)):  # micro-batches: the same gradient, accumulated
                 policy_loss, kl, ratio = ppo_terms(policy, batch, rows, j, adv[rows].to(policy.device), args)
-                loss = (policy_loss + args.beta * kl).sum() / (len(mb) * len(steps))  # mean over minibatch, steps
+                loss = (policy_loss + args.beta * kl).sum() / (size * len(steps))  # mean over minibatch, steps
                 if not torch.isfinite(loss):
                     stats["train/skipped"] += 1
                     continue
@@ -292,10 +320,13 @@ def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, arg
                 stats["train/clipfrac"] += ((ratio - 1).abs() > args.clip_range).float().sum().item()
                 stats["train/ratio"] += ratio.sum().item()
                 count += len(rows)
+                if i == 0:  # before the first optimiser step: the ratio must be exactly 1
+                    onpolicy_err = max(onpolicy_err, (ratio.detach() - 1).abs().max().item())
+        sync_gradients(policy.trainable_parameters())
         torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
         opt.step()
     stats = {k: (v / max(count, 1) if k != "train/skipped" else v) for k, v in stats.items()}
-    return {**stats, "window/start": steps[0], "sample/nfe": batch["nfe"]}
+    return {**stats, "train/onpolicy_ratio_err": onpolicy_err, "window/start": steps[0], "sample/nfe": batch["nfe"]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,8 +335,14 @@ def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, arg
 def check_args(args: Args) -> None:
     if args.group_size < 2:
         raise SystemExit(f"--group-size {args.group_size}: a group needs at least 2 images to have an advantage")
-    if args.prompts_per_step < 1 or args.steps < 0 or args.num_steps < 2:
-        raise SystemExit("--prompts-per-step >= 1, --steps >= 0 and --num-steps >= 2 are required")
+    if args.prompts_per_step < 1 or args.steps < 0:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} / --steps {args.steps}: use at least 1 prompt "
+                         "per iteration and 0 or more iterations")
+    if args.num_steps < 2:
+        raise SystemExit(f"--num-steps {args.num_steps}: a rollout needs at least 2 sampling steps (the last one is "
+                         "never trained)")
+    if args.mixed_precision not in ("bf16", "fp16", "fp32"):
+        raise SystemExit(f"--mixed-precision {args.mixed_precision!r}: choose bf16, fp16 or fp32")
     if args.minibatches < 1 or args.minibatches > args.prompts_per_step * args.group_size:
         raise SystemExit(f"--minibatches must be between 1 and the batch size ({args.prompts_per_step * args.group_size})")
     if args.micro_batch < 0:
@@ -317,51 +354,63 @@ def main(args: Args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    seed_everything(args.seed)
+    rank, world = init_distributed(device)  # under torchrun: one process per GPU; otherwise a world of size 1
+    if args.prompts_per_step % world:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} counts every process's prompts: make it a "
+                         f"multiple of the {world} processes")
+    seed_everything(args.seed)  # the same on every rank: the same initial adapter weights
     try:
         reward_fn = make_reward(args.reward)
     except ValueError as e:
         raise SystemExit(f"--reward: {e}") from None
     train_prompts = load_prompts(args.prompts, "train")
     eval_prompts = load_prompts(args.eval_prompts, "eval")
+    if args.prompts_per_step > len(train_prompts):
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step}: an iteration draws distinct prompts, and the "
+                         f"training prompts hold {len(train_prompts)}")
+    ckpt, run_dir = load_checkpoint(args.resume, asdict(args)) if args.resume else ({}, None)  # checked before loading
+    if ckpt:  # the run keeps the LoRA it was saved with (flags that were set match it: load_checkpoint checked)
+        args.lora_rank, args.lora_alpha = ckpt["args"]["lora_rank"], ckpt["args"]["lora_alpha"]
     policy = load_policy(args.model, device, args.mixed_precision, args.resolution, args.gradient_checkpointing)
     if args.shift is None:
         args.shift = policy.default_shift  # the model's own (FLUX: e^mu of its resolution); logged and saved resolved
+    args.lora_rank, args.lora_alpha = lora_config(policy, args.lora_rank, args.lora_alpha)  # resolved, as the shift
     policy.add_lora(args.lora_rank, args.lora_alpha, lora_targets(policy))
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    print(f"{policy.backend} on {device}: {sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.2f}M trainable "
-          f"parameters; shift {args.shift:.3f}; per iteration {args.prompts_per_step} prompts x {args.group_size} images "
-          f"= {args.prompts_per_step * args.group_size} rollouts (the branching methods score more images), "
-          f"{args.minibatches} minibatches = up to {args.minibatches} optimiser steps"
-          f"{f' in micro-batches of {args.micro_batch}' if args.micro_batch else ''}; "
-          f"{args.steps} iterations = up to {args.steps * args.minibatches} optimiser steps")
+    print0(f"{policy.backend} on {device}{f' (rank 0 of {world} processes)' if world > 1 else ''}: "
+           f"{sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.2f}M trainable parameters; shift "
+           f"{args.shift:.3f}; per iteration {args.prompts_per_step} prompts x {args.group_size} images = "
+           f"{args.prompts_per_step * args.group_size} rollouts (the branching methods score more images), "
+           f"{args.minibatches} minibatches = up to {args.minibatches} optimiser steps"
+           f"{f' in micro-batches of {args.micro_batch}' if args.micro_batch else ''}; "
+           f"{args.steps} iterations = up to {args.steps * args.minibatches} optimiser steps")
     if policy.backend != "shapes":
-        print(weight_memory(policy))
+        print0(weight_memory(policy))
     if args.dry_run:
-        print("--dry-run: exiting before training")
+        print0("--dry-run: exiting before training")
         return {}
     if args.offload_text_encoders:
         policy.offload_text_encoders(train_prompts + eval_prompts)
     ema = EMA(policy.trainable_parameters(), args.ema_decay)
     state = init_state(policy, args)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    cpu_gen = torch.Generator().manual_seed(args.seed)
-    prompt_rng = random.Random(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1_000_003 * rank)  # this rank's sampling noise
+    cpu_gen = torch.Generator().manual_seed(args.seed)  # the same on every rank: minibatches, timesteps, windows
+    prompt_rng = random.Random(args.seed)  # the same on every rank: the global draw of prompts
     start, wall_offset, samples, train_time = 0, 0.0, 0, 0.0
-    run_dir = Path(args.resume) if args.resume else new_run_dir(args.out, Path(__file__).stem)
-    if args.resume:
-        ckpt = load_checkpoint(run_dir / "checkpoint.pt" if run_dir.is_dir() else run_dir)
-        run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+    run_dir = run_dir or Path(all_gather_objects(new_run_dir(args.out, Path(__file__).stem) if rank == 0 else None)[0])
+    if ckpt:
+        if len(ckpt["gen"]) != world:
+            raise SystemExit(f"--resume: the run was saved by {len(ckpt['gen'])} processes; resume it with as many")
         policy.load_trainable_state(ckpt["trainable"])
-        opt.load_state_dict(ckpt["optimizer"])
-        ema.shadow = ckpt["ema"]
-        state = ckpt["state"]
-        gen.set_state(ckpt["gen"])
+        opt.load_state_dict(ckpt["optimizer"])  # moves its state to the parameters' device
+        ema.shadow = to_device(ckpt["ema"], device)
+        state = to_device(ckpt["state"], device)
+        gen.set_state(ckpt["gen"][rank])
         cpu_gen.set_state(ckpt["cpu_gen"])
         prompt_rng.setstate(ckpt["prompt_rng"])
         start, wall_offset, samples, train_time = ckpt["step"], ckpt["wall_time"], ckpt["samples"], ckpt["train_time"]
-        print(f"resumed {run_dir} at iteration {start}")
-    logger = Logger(run_dir, asdict(args), args.track)
+        print0(f"resumed {run_dir} at iteration {start}")
+    logger = Logger(run_dir, asdict(args), args.track, enabled=rank == 0)
     t_start = time.time()
 
     def wall() -> float:
@@ -371,40 +420,47 @@ def main(args: Args) -> dict:
         t0 = time.time()
         with ema.swapped_in():  # decay 0: the shadow is the live weights
             metrics, images = evaluate(policy, eval_prompts, reward_fn, args.eval_per_prompt, args.eval_num_steps,
-                                       args.shift, args.guidance, seed=args.seed + 10_000)
-        save_grid(images, run_dir / f"eval_{step:05d}.png", nrow=8, scale=4 if policy.backend == "shapes" else 1)
+                                       args.shift, args.guidance, seed=args.seed + 10_000)  # split over the ranks
+        if rank == 0:
+            save_grid(images, run_dir / f"eval_{step:05d}.png", nrow=8, scale=4 if policy.backend == "shapes" else 1)
         metrics["time/eval"] = time.time() - t0
         logger.log(step, metrics, wall_offset)
         return metrics
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir / "checkpoint.pt", {
-            "trainable": policy.trainable_state(), "optimizer": opt.state_dict(), "ema": ema.shadow, "state": state,
-            "gen": gen.get_state(), "cpu_gen": cpu_gen.get_state(), "prompt_rng": prompt_rng.getstate(),
-            "step": step, "wall_time": wall(), "samples": samples, "train_time": train_time, "args": asdict(args)})
+        gens = all_gather_objects(gen.get_state())  # every rank's sampling generator; the rest is the same everywhere
+        if rank == 0:
+            save_checkpoint(run_dir / "checkpoint.pt", {
+                "trainable": policy.trainable_state(), "optimizer": opt.state_dict(), "ema": ema.shadow, "state": state,
+                "gen": gens, "cpu_gen": cpu_gen.get_state(), "prompt_rng": prompt_rng.getstate(), "step": step,
+                "wall_time": wall(), "samples": samples, "train_time": train_time, "args": asdict(args)})
 
     last_eval, done = (run_eval(start) if start == 0 else {}), start
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=Path(__file__).stem)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=Path(__file__).stem, disable=rank > 0)
     for step in bar:
         policy.clock.update(forward=0.0, backward=0.0)
         t0 = time.time()
-        prompts = prompt_rng.choices(train_prompts, k=args.prompts_per_step)
-        batch = sample_batch(policy, prompts, state, args, gen)
+        prompts = prompt_rng.sample(train_prompts, k=args.prompts_per_step)  # distinct, the same on every rank
+        mine = prompts[rank * len(prompts) // world:(rank + 1) * len(prompts) // world]  # this rank's groups
+        batch = sample_batch(policy, mine, state, args, gen, cpu_gen)
         t1 = time.time()
         rewards, info = reward_fn(batch["images"], batch["prompts"])
-        adv = compute_advantages(batch, rewards, info, args)
+        adv = compute_advantages(batch, rewards, info, args)  # batch-wide statistics over every rank
         t2 = time.time()
-        stats = train_on_batch(policy, opt, batch, adv, state, args, cpu_gen)
+        stats = train_on_batch(policy, opt, batch, adv, state, args, cpu_gen)  # gradients summed over the ranks
+        warn_off_policy(stats)  # the first minibatch is on-policy: its ratio must be 1
         ema.update()
         t3 = time.time()
+        rewards, info, adv = gather_scores(rewards, info, adv)  # every rank's, for the log
         samples += len(rewards)  # images scored so far (more than prompts x group for the branching methods)
         train_time += t3 - t0  # seconds of sampling, scoring and training so far (no evaluations)
-        metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-                   **{f"reward/{k}": v.nanmean().item() for k, v in info.items() if not v.isnan().all()},
-                   "adv/abs_mean": adv.abs().mean().item(), **stats,
-                   "time/sample": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
-                   "time/forward": policy.clock["forward"], "time/backward": policy.clock["backward"],
-                   "samples": samples, "train_time": train_time}
+        metrics = reduce_metrics({  # averaged over the ranks, so every rank sees the same numbers and stops together
+            "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+            **{f"reward/{k}": v.nanmean().item() for k, v in info.items() if not v.isnan().all()},
+            "adv/abs_mean": adv.abs().mean().item(), **stats, "time/sample": t1 - t0, "time/reward": t2 - t1,
+            "time/train": t3 - t2, "time/forward": policy.clock["forward"], "time/backward": policy.clock["backward"],
+            "samples": samples, "train_time": train_time})
+        train_time = metrics["train_time"]
         logger.log(step + 1, metrics, wall_offset)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval=f"{last_eval.get('eval/score', float('nan')):.3f}")
         done = step + 1
@@ -417,7 +473,8 @@ def main(args: Args) -> dict:
             break
     logger.close()
     scores = ", ".join(f"{k} {last_eval[k]:.3f}" for k in ("eval/score", "eval/strict") if k in last_eval)
-    print(f"done: {done} iterations in {wall() / 60:.1f} min; {scores}; run folder {run_dir}")
+    print0(f"done: {done} iterations in {wall() / 60:.1f} min; {scores}; run folder {run_dir}")
+    close_distributed()
     return last_eval
 
 

@@ -27,9 +27,11 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from common import (EMA, Logger, index_cond, load_checkpoint, load_policy, load_prompts, lora_targets, new_run_dir,
-                    pick_device, rollout, save_checkpoint, save_grid, sde_step, seed_everything,
-                    evaluate, weight_memory)
+from common import (EMA, Logger, all_gather_objects, close_distributed, evaluate, gather_scores, global_rows,
+                    index_cond, init_distributed, load_checkpoint, load_policy, load_prompts, local_minibatches,
+                    lora_config, lora_targets, new_run_dir, pick_device, print0, reduce_metrics, rollout,
+                    save_checkpoint, save_grid, sde_step, seed_everything, sync_gradients, to_device, warn_off_policy,
+                    weight_memory, world_size)
 from rewards import make_reward
 
 
@@ -50,7 +52,8 @@ class Args:
     """budget of training minutes (sampling, reward, update; evaluations excluded): stop after the iteration that
     passes it, then evaluate and save (0: run every --steps)"""
     prompts_per_step: int = 8
-    """distinct prompts sampled per iteration"""
+    """distinct prompts sampled per iteration, over all processes (drawn without replacement from the training
+    prompts); under torchrun each of N processes samples and trains prompts_per_step / N of them, whole groups"""
     group_size: int = 8
     """images per prompt (G); the group's rewards give each image its advantage"""
     num_steps: int = 10
@@ -71,10 +74,11 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
-    lora_rank: int = 0
-    """LoRA rank; 0 fine-tunes every weight of the denoiser (the reference is then a frozen copy)"""
-    lora_alpha: float = 64.0
-    """LoRA alpha (scale alpha / rank)"""
+    lora_rank: int | None = None
+    """LoRA rank; 0 fine-tunes every weight of the denoiser (the reference is then a frozen copy); unset: the
+    backend's default: shapes 0, SD3 32, FLUX 64 (the reference trainers' LoRA)"""
+    lora_alpha: float | None = None
+    """LoRA alpha (scale alpha / rank); unset: 2 x rank (SD3 64, FLUX 128, as the reference trainers)"""
     ema_decay: float = 0.9
     """EMA of the trainable weights used for evaluation; 0 evaluates the live weights"""
     eval_every: int = 10
@@ -99,6 +103,9 @@ class Args:
     """also log to Weights & Biases"""
     gradient_checkpointing: bool = False
     """recompute the denoiser's activations in the backward pass (less memory, about one more forward pass per update)"""
+    sample_batch: int = 0
+    """images per sampling forward pass (the reference's per-GPU sample batch): rollouts run in chunks of this many;
+    0: all of this process's images at once"""
     micro_batch: int = 0
     """denoiser inputs per forward/backward pass of the update, gradients accumulated (the same update in less
     memory; the branching methods count parent states); 0: the whole minibatch at once"""
@@ -112,7 +119,8 @@ class Args:
     clip_range: float = 1e-3
     """PPO clip epsilon on the per-step ratio (the reference: 1e-4 on SD3.5-M)"""
     beta: float = 0.004
-    """KL(pi_theta || pi_ref) coefficient (the reference: 0.004 GenEval and FLUX, 0.001 PickScore)"""
+    """KL(pi_theta || pi_ref) coefficient, on the exact KL of the two Gaussian steps as TempFlow's reference computes
+    it (unlike Flow-GRPO's, which is |dt| times smaller); the reference: 0.004 GenEval and FLUX, 0.001 PickScore"""
     adv_clip: float = 5.0
     """advantages are clipped to [-adv_clip, adv_clip]"""
     seeds: int = 1
@@ -164,28 +172,29 @@ def step_weights(sigmas: torch.Tensor, args: Args) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_batch(policy, prompts: list[str], state: dict, args: Args, gen: torch.Generator) -> dict:
+def sample_batch(policy, prompts: list[str], state: dict, args: Args, gen: torch.Generator,
+                 shared_gen: torch.Generator) -> dict:
     """Trajectories from `seeds` initial noises per prompt. Branching: one main ODE trajectory per seed; at each
     branching step k its state x_k is the shared parent of K children that take one SDE step there and finish
     with the ODE, and each child's image scores step k alone. --no-branching: K SDE trajectories per seed (x_1
     shared); each (trajectory, k) is a parent with one child, scored by the trajectory's image.
-    Parents are ordered (k, trajectory); children (parent, j)."""
+    Parents are ordered (k, trajectory); children (parent, j). Rollouts run in chunks of --sample-batch rows."""
     S, K, T = args.seeds, args.group_size, args.num_steps
     sigmas = policy.sigmas(T, args.shift)
-    ks = branch_steps(args, gen)
+    ks = branch_steps(args, shared_gen)  # the same on every rank
     cond = policy.encode(prompts)
     seed = torch.arange(len(prompts) * S)  # trajectory i starts from seed[i], an x_1 of prompt seed[i] // S
     if not args.branching:
         seed = seed.repeat_interleave(K)  # K SDE trajectories per seed
     main = rollout(policy, index_cond(cond, seed // S), policy.noise(len(prompts) * S, gen)[seed], sigmas,
-                   [0.0 if args.branching else args.noise_level] * T, args.guidance, gen)
+                   [0.0 if args.branching else args.noise_level] * T, args.guidance, gen, chunk=args.sample_batch)
     n = len(seed)
     if args.branching:
         kid = torch.arange(n).repeat_interleave(K)
         nexts, log_probs, images = [], [], []
         for k in ks:  # x_k shared by K children: SDE on step k, then the ODE to x_0
             out = rollout(policy, index_cond(cond, seed[kid] // S), main.latents[kid, k], sigmas, noise_levels(k, args),
-                          args.guidance, gen, start=k)
+                          args.guidance, gen, start=k, chunk=args.sample_batch)
             nexts.append(out.latents[:, 1].unflatten(0, (n, K)))
             log_probs.append(out.log_probs[:, 0].view(n, K))
             images.append(policy.decode(out.latents[:, -1]))
@@ -235,7 +244,7 @@ def child_terms(policy, batch: dict, nodes: torch.Tensor, adv: torch.Tensor, k: 
     a = adv[nodes].flatten().to(policy.device)
     clipped = torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
     kl = torch.zeros_like(ratio)
-    if args.beta > 0:  # KL of two Gaussians with the same std: ||mu - mu_ref||^2 / (2 std^2)
+    if args.beta > 0:  # the exact KL of the two Gaussian steps, ||mu - mu_ref||^2 / (2 std^2), as TempFlow's reference
         with torch.no_grad(), policy.reference():
             v_ref = policy.velocity(x, sig[k], cond, args.guidance).repeat_interleave(c, 0)
         mean_ref = sde_step(xs, v_ref, sig[k], sig[k + 1], args.noise_level, prev_sample=x_next).mean
@@ -247,17 +256,22 @@ def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, arg
                    gen: torch.Generator) -> dict:
     """PPO-clipped update of each child's one stochastic transition, weighted by its step's Norm(sigma_t sqrt(dt));
     one velocity evaluation per shared parent state serves all its children. Parents whose children all have
-    advantage 0 are skipped. One optimiser step per minibatch of parents."""
+    advantage 0 are skipped when beta = 0. One optimiser step per minibatch of parents."""
     w, c = step_weights(batch["sigmas"], args), adv.shape[1]
-    keep = adv.ne(0).any(1).nonzero().flatten()  # parents with some signal
+    # parents with some signal; with beta > 0 every parent, since its KL term has a gradient (as the reference)
+    keep = torch.arange(len(adv)) if args.beta > 0 else adv.ne(0).any(1).nonzero().flatten()
+    # parent (step index s, trajectory t) of this rank is parent (s, rank * n + t) of the global batch
+    n = len(adv) // len(batch["steps"].unique())
+    ids = (keep // n) * n * world_size() + global_rows(n)[keep % n]
     stats = {"loss/policy": 0.0, "loss/kl": 0.0, "train/clipfrac": 0.0, "train/ratio": 0.0}  # sums over children
-    count, skipped = 0, 0
-    for mb in keep[torch.randperm(len(keep), generator=gen)].chunk(args.minibatches):
+    count, skipped, onpolicy_err = 0, 0, 0.0
+    for i, (rows, _, size) in enumerate(local_minibatches(ids, args.minibatches, gen)):
+        mb = keep[rows]
         opt.zero_grad(set_to_none=True)
         for k in batch["steps"][mb].unique().tolist():
             for nodes in mb[batch["steps"][mb] == k].split(args.micro_batch or len(mb)):  # micro-batches of parents
                 policy_loss, kl, ratio = child_terms(policy, batch, nodes, adv, k, w[k], args)
-                loss = (policy_loss + args.beta * kl).sum() / (len(mb) * c)  # the mean over the minibatch's children
+                loss = (policy_loss + args.beta * kl).sum() / (size * c)  # the mean over the minibatch's children
                 if not torch.isfinite(loss):
                     skipped += 1
                     continue
@@ -267,10 +281,13 @@ def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, arg
                 stats["train/clipfrac"] += ((ratio - 1).abs() > args.clip_range).float().sum().item()
                 stats["train/ratio"] += ratio.sum().item()
                 count += len(ratio)
+                if i == 0:  # before the first optimiser step: the ratio must be exactly 1
+                    onpolicy_err = max(onpolicy_err, (ratio.detach() - 1).abs().max().item())
+        sync_gradients(policy.trainable_parameters())
         torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
         opt.step()
     return {**{k: v / max(count, 1) for k, v in stats.items()}, "train/skipped": skipped,
-            "train/zero_adv": 1 - len(keep) / len(adv)}
+            "train/zero_adv": 1 - adv.ne(0).any(1).float().mean().item(), "train/onpolicy_ratio_err": onpolicy_err}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,8 +296,14 @@ def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, arg
 def check_args(args: Args) -> None:
     if args.group_size < 2:
         raise SystemExit(f"--group-size {args.group_size}: a group needs at least 2 images to have an advantage")
-    if args.prompts_per_step < 1 or args.steps < 0 or args.num_steps < 2:
-        raise SystemExit("--prompts-per-step >= 1, --steps >= 0 and --num-steps >= 2 are required")
+    if args.prompts_per_step < 1 or args.steps < 0:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} / --steps {args.steps}: use at least 1 prompt "
+                         "per iteration and 0 or more iterations")
+    if args.num_steps < 2:
+        raise SystemExit(f"--num-steps {args.num_steps}: a rollout needs at least 2 sampling steps (the last one is "
+                         "never trained)")
+    if args.mixed_precision not in ("bf16", "fp16", "fp32"):
+        raise SystemExit(f"--mixed-precision {args.mixed_precision!r}: choose bf16, fp16 or fp32")
     if args.minibatches < 1 or args.minibatches > args.prompts_per_step * args.group_size:
         raise SystemExit(f"--minibatches must be between 1 and the batch size ({args.prompts_per_step * args.group_size})")
     if args.micro_batch < 0:
@@ -292,51 +315,63 @@ def main(args: Args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    seed_everything(args.seed)
+    rank, world = init_distributed(device)  # under torchrun: one process per GPU; otherwise a world of size 1
+    if args.prompts_per_step % world:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} counts every process's prompts: make it a "
+                         f"multiple of the {world} processes")
+    seed_everything(args.seed)  # the same on every rank: the same initial adapter weights
     try:
         reward_fn = make_reward(args.reward)
     except ValueError as e:
         raise SystemExit(f"--reward: {e}") from None
     train_prompts = load_prompts(args.prompts, "train")
     eval_prompts = load_prompts(args.eval_prompts, "eval")
+    if args.prompts_per_step > len(train_prompts):
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step}: an iteration draws distinct prompts, and the "
+                         f"training prompts hold {len(train_prompts)}")
+    ckpt, run_dir = load_checkpoint(args.resume, asdict(args)) if args.resume else ({}, None)  # checked before loading
+    if ckpt:  # the run keeps the LoRA it was saved with (flags that were set match it: load_checkpoint checked)
+        args.lora_rank, args.lora_alpha = ckpt["args"]["lora_rank"], ckpt["args"]["lora_alpha"]
     policy = load_policy(args.model, device, args.mixed_precision, args.resolution, args.gradient_checkpointing)
     if args.shift is None:
         args.shift = policy.default_shift  # the model's own (FLUX: e^mu of its resolution); logged and saved resolved
+    args.lora_rank, args.lora_alpha = lora_config(policy, args.lora_rank, args.lora_alpha)  # resolved, as the shift
     policy.add_lora(args.lora_rank, args.lora_alpha, lora_targets(policy))
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    print(f"{policy.backend} on {device}: {sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.2f}M trainable "
-          f"parameters; shift {args.shift:.3f}; per iteration {args.prompts_per_step} prompts x {args.group_size} images "
-          f"= {args.prompts_per_step * args.group_size} rollouts (the branching methods score more images), "
-          f"{args.minibatches} minibatches = up to {args.minibatches} optimiser steps"
-          f"{f' in micro-batches of {args.micro_batch}' if args.micro_batch else ''}; "
-          f"{args.steps} iterations = up to {args.steps * args.minibatches} optimiser steps")
+    print0(f"{policy.backend} on {device}{f' (rank 0 of {world} processes)' if world > 1 else ''}: "
+           f"{sum(p.numel() for p in policy.trainable_parameters()) / 1e6:.2f}M trainable parameters; shift "
+           f"{args.shift:.3f}; per iteration {args.prompts_per_step} prompts x {args.group_size} images = "
+           f"{args.prompts_per_step * args.group_size} rollouts (the branching methods score more images), "
+           f"{args.minibatches} minibatches = up to {args.minibatches} optimiser steps"
+           f"{f' in micro-batches of {args.micro_batch}' if args.micro_batch else ''}; "
+           f"{args.steps} iterations = up to {args.steps * args.minibatches} optimiser steps")
     if policy.backend != "shapes":
-        print(weight_memory(policy))
+        print0(weight_memory(policy))
     if args.dry_run:
-        print("--dry-run: exiting before training")
+        print0("--dry-run: exiting before training")
         return {}
     if args.offload_text_encoders:
         policy.offload_text_encoders(train_prompts + eval_prompts)
     ema = EMA(policy.trainable_parameters(), args.ema_decay)
     state = init_state(policy, args)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    cpu_gen = torch.Generator().manual_seed(args.seed)
-    prompt_rng = random.Random(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1_000_003 * rank)  # this rank's sampling noise
+    cpu_gen = torch.Generator().manual_seed(args.seed)  # the same on every rank: minibatches, timesteps, windows
+    prompt_rng = random.Random(args.seed)  # the same on every rank: the global draw of prompts
     start, wall_offset, samples, train_time = 0, 0.0, 0, 0.0
-    run_dir = Path(args.resume) if args.resume else new_run_dir(args.out, Path(__file__).stem)
-    if args.resume:
-        ckpt = load_checkpoint(run_dir / "checkpoint.pt" if run_dir.is_dir() else run_dir)
-        run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+    run_dir = run_dir or Path(all_gather_objects(new_run_dir(args.out, Path(__file__).stem) if rank == 0 else None)[0])
+    if ckpt:
+        if len(ckpt["gen"]) != world:
+            raise SystemExit(f"--resume: the run was saved by {len(ckpt['gen'])} processes; resume it with as many")
         policy.load_trainable_state(ckpt["trainable"])
-        opt.load_state_dict(ckpt["optimizer"])
-        ema.shadow = ckpt["ema"]
-        state = ckpt["state"]
-        gen.set_state(ckpt["gen"])
+        opt.load_state_dict(ckpt["optimizer"])  # moves its state to the parameters' device
+        ema.shadow = to_device(ckpt["ema"], device)
+        state = to_device(ckpt["state"], device)
+        gen.set_state(ckpt["gen"][rank])
         cpu_gen.set_state(ckpt["cpu_gen"])
         prompt_rng.setstate(ckpt["prompt_rng"])
         start, wall_offset, samples, train_time = ckpt["step"], ckpt["wall_time"], ckpt["samples"], ckpt["train_time"]
-        print(f"resumed {run_dir} at iteration {start}")
-    logger = Logger(run_dir, asdict(args), args.track)
+        print0(f"resumed {run_dir} at iteration {start}")
+    logger = Logger(run_dir, asdict(args), args.track, enabled=rank == 0)
     t_start = time.time()
 
     def wall() -> float:
@@ -346,40 +381,47 @@ def main(args: Args) -> dict:
         t0 = time.time()
         with ema.swapped_in():  # decay 0: the shadow is the live weights
             metrics, images = evaluate(policy, eval_prompts, reward_fn, args.eval_per_prompt, args.eval_num_steps,
-                                       args.shift, args.guidance, seed=args.seed + 10_000)
-        save_grid(images, run_dir / f"eval_{step:05d}.png", nrow=8, scale=4 if policy.backend == "shapes" else 1)
+                                       args.shift, args.guidance, seed=args.seed + 10_000)  # split over the ranks
+        if rank == 0:
+            save_grid(images, run_dir / f"eval_{step:05d}.png", nrow=8, scale=4 if policy.backend == "shapes" else 1)
         metrics["time/eval"] = time.time() - t0
         logger.log(step, metrics, wall_offset)
         return metrics
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir / "checkpoint.pt", {
-            "trainable": policy.trainable_state(), "optimizer": opt.state_dict(), "ema": ema.shadow, "state": state,
-            "gen": gen.get_state(), "cpu_gen": cpu_gen.get_state(), "prompt_rng": prompt_rng.getstate(),
-            "step": step, "wall_time": wall(), "samples": samples, "train_time": train_time, "args": asdict(args)})
+        gens = all_gather_objects(gen.get_state())  # every rank's sampling generator; the rest is the same everywhere
+        if rank == 0:
+            save_checkpoint(run_dir / "checkpoint.pt", {
+                "trainable": policy.trainable_state(), "optimizer": opt.state_dict(), "ema": ema.shadow, "state": state,
+                "gen": gens, "cpu_gen": cpu_gen.get_state(), "prompt_rng": prompt_rng.getstate(), "step": step,
+                "wall_time": wall(), "samples": samples, "train_time": train_time, "args": asdict(args)})
 
     last_eval, done = (run_eval(start) if start == 0 else {}), start
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=Path(__file__).stem)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=Path(__file__).stem, disable=rank > 0)
     for step in bar:
         policy.clock.update(forward=0.0, backward=0.0)
         t0 = time.time()
-        prompts = prompt_rng.choices(train_prompts, k=args.prompts_per_step)
-        batch = sample_batch(policy, prompts, state, args, gen)
+        prompts = prompt_rng.sample(train_prompts, k=args.prompts_per_step)  # distinct, the same on every rank
+        mine = prompts[rank * len(prompts) // world:(rank + 1) * len(prompts) // world]  # this rank's groups
+        batch = sample_batch(policy, mine, state, args, gen, cpu_gen)
         t1 = time.time()
         rewards, info = reward_fn(batch["images"], batch["prompts"])
-        adv = compute_advantages(batch, rewards, info, args)
+        adv = compute_advantages(batch, rewards, info, args)  # batch-wide statistics over every rank
         t2 = time.time()
-        stats = train_on_batch(policy, opt, batch, adv, state, args, cpu_gen)
+        stats = train_on_batch(policy, opt, batch, adv, state, args, cpu_gen)  # gradients summed over the ranks
+        warn_off_policy(stats)  # the first minibatch is on-policy: its ratio must be 1
         ema.update()
         t3 = time.time()
+        rewards, info, adv = gather_scores(rewards, info, adv)  # every rank's, for the log
         samples += len(rewards)  # images scored so far (more than prompts x group for the branching methods)
         train_time += t3 - t0  # seconds of sampling, scoring and training so far (no evaluations)
-        metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-                   **{f"reward/{k}": v.nanmean().item() for k, v in info.items() if not v.isnan().all()},
-                   "adv/abs_mean": adv.abs().mean().item(), **stats,
-                   "time/sample": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
-                   "time/forward": policy.clock["forward"], "time/backward": policy.clock["backward"],
-                   "samples": samples, "train_time": train_time}
+        metrics = reduce_metrics({  # averaged over the ranks, so every rank sees the same numbers and stops together
+            "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+            **{f"reward/{k}": v.nanmean().item() for k, v in info.items() if not v.isnan().all()},
+            "adv/abs_mean": adv.abs().mean().item(), **stats, "time/sample": t1 - t0, "time/reward": t2 - t1,
+            "time/train": t3 - t2, "time/forward": policy.clock["forward"], "time/backward": policy.clock["backward"],
+            "samples": samples, "train_time": train_time})
+        train_time = metrics["train_time"]
         logger.log(step + 1, metrics, wall_offset)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval=f"{last_eval.get('eval/score', float('nan')):.3f}")
         done = step + 1
@@ -392,7 +434,8 @@ def main(args: Args) -> dict:
             break
     logger.close()
     scores = ", ".join(f"{k} {last_eval[k]:.3f}" for k in ("eval/score", "eval/strict") if k in last_eval)
-    print(f"done: {done} iterations in {wall() / 60:.1f} min; {scores}; run folder {run_dir}")
+    print0(f"done: {done} iterations in {wall() / 60:.1f} min; {scores}; run folder {run_dir}")
+    close_distributed()
     return last_eval
 
 

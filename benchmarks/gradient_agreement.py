@@ -100,7 +100,7 @@ def flow_grpo_gradients(policy, args: Args) -> list[torch.Tensor]:
                          random.Random(args.seed))
     train = load_prompts(None, "train")
     while len(keeper.grads) < args.batches:
-        batch = flow_grpo.sample_batch(policy, rng.choices(train, k=fg.prompts_per_step), {}, fg, gen)
+        batch = flow_grpo.sample_batch(policy, rng.choices(train, k=fg.prompts_per_step), {}, fg, gen, cpu_gen)
         rewards, info = reward(batch["images"], batch["prompts"])
         adv = flow_grpo.compute_advantages(batch, rewards, info, fg)
         if adv.abs().sum() == 0:  # every group's rewards equal: no gradient, draw again

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 def setup(entry: str, seed: int):
     """Import the script as a module and build what its loop builds before the first iteration."""
-    from common import load_policy, load_prompts, lora_targets, pick_device, seed_everything
+    from common import load_policy, load_prompts, lora_config, lora_targets, pick_device, seed_everything
     from rewards import make_reward
 
     script, *flags = shlex.split(entry)
@@ -41,6 +41,7 @@ def setup(entry: str, seed: int):
     policy = load_policy(args.model, device, args.mixed_precision, args.resolution, args.gradient_checkpointing)
     if args.shift is None:
         args.shift = policy.default_shift
+    args.lora_rank, args.lora_alpha = lora_config(policy, args.lora_rank, args.lora_alpha)
     policy.add_lora(args.lora_rank, args.lora_alpha, lora_targets(policy))
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
     return {"name": entry, "mod": mod, "args": args, "policy": policy, "opt": opt, "state": mod.init_state(policy, args),
@@ -54,7 +55,8 @@ def iteration(r: dict) -> dict:
     mod, args, policy = r["mod"], r["args"], r["policy"]
     policy.clock.update(forward=0.0, backward=0.0)
     t0 = time.time()
-    batch = mod.sample_batch(policy, r["rng"].choices(r["prompts"], k=args.prompts_per_step), r["state"], args, r["gen"])
+    batch = mod.sample_batch(policy, r["rng"].sample(r["prompts"], k=args.prompts_per_step), r["state"], args, r["gen"],
+                             r["cpu_gen"])
     t1 = time.time()
     rewards, info = r["reward"](batch["images"], batch["prompts"])
     adv = mod.compute_advantages(batch, rewards, info, args)

@@ -39,6 +39,7 @@ def test_runs_on_shapes_and_resumes(tmp_path):
                 "time/train", "time/forward", "time/backward", "wall_time"):
         assert key in train[-1], key
     assert train[-1]["loss/kl"] >= 0 and train[-1]["time/forward"] > 0
+    assert all(r["train/onpolicy_ratio_err"] == 0.0 for r in train)  # float32: the first minibatch's ratio is 1
     assert 0 <= evals[-1]["eval/score"] <= 1 and "eval/strict/counting" in evals[-1]
     assert (out / "checkpoint.pt").is_file() and (out / "eval_00002.png").is_file()
     assert any(f.name.startswith("events.out.tfevents") for f in out.iterdir())
@@ -64,7 +65,7 @@ def test_runs_on_tiny_sd3_pipeline(tmp_path, tiny_sd3_dir):
     (["--group-size", "1"], "at least 2 images"),
     (["--reward", "nope"], "unknown reward 'nope'"),
     (["--device", "cuda"], "no CUDA device is available"),
-    (["--model", "no-such-org/no-such-model"], "huggingface-cli download no-such-org/no-such-model"),
+    (["--model", "no-such-org/no-such-model"], "hf download no-such-org/no-such-model"),
     (["--resolution", "64"], "32x32"),
     (["--resume", "/nonexistent/run"], "no checkpoint"),
 ])
@@ -85,7 +86,8 @@ def test_same_noise_shares_the_initial_state_within_groups(tiny_shapes_policy):
     import flow_grpo
 
     args = flow_grpo.Args(shift=3.0, group_size=3, num_steps=2, same_noise=True)
-    batch = flow_grpo.sample_batch(tiny_shapes_policy, ["a circle", "two squares"], {}, args, torch.Generator().manual_seed(0))
+    batch = flow_grpo.sample_batch(tiny_shapes_policy, ["a circle", "two squares"], {}, args,
+                                   torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     x1 = batch["latents"][:, 0]
     assert torch.equal(x1[0], x1[2]) and not torch.equal(x1[0], x1[3])
     assert not torch.equal(batch["latents"][0, -1], batch["latents"][1, -1])  # the SDE's noise still differs
@@ -102,7 +104,7 @@ def test_advantages_and_policy_loss_direction(trainable_policy):
     policy = trainable_policy
     args = flow_grpo.Args(shift=3.0, group_size=2, num_steps=3, minibatches=1, clip_range=10.0, lr=1e-3, guidance=1.0)
     gen = torch.Generator().manual_seed(0)
-    batch = flow_grpo.sample_batch(policy, ["a circle", "a square"], {}, args, gen)
+    batch = flow_grpo.sample_batch(policy, ["a circle", "a square"], {}, args, gen, torch.Generator().manual_seed(1))
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
     adv = flow_grpo.compute_advantages(batch, rewards, {}, args)
     assert torch.allclose(adv, torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-3)

@@ -62,7 +62,8 @@ def test_multi_granularity_advantages_match_an_independent_computation():
 def test_branching_layout_and_bad_arguments(tiny_shapes_policy):
     args = g2rpo.Args(shift=3.0, group_size=3, num_steps=6, granularities=(1, 2), guidance=1.0)
     assert g2rpo.branch_steps(args) == [0, 1, 2] and g2rpo.branch_steps(g2rpo.Args(branch_steps=(2, 5))) == [2, 5]
-    batch = g2rpo.sample_batch(tiny_shapes_policy, ["a circle", "a square"], {}, args, torch.Generator().manual_seed(0))
+    batch = g2rpo.sample_batch(tiny_shapes_policy, ["a circle", "a square"], {}, args,
+                               torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     assert batch["steps"].tolist() == [0, 0, 1, 1, 2, 2] and batch["prompt"].tolist() == [0, 1] * 3
     assert batch["next"].shape[:2] == (6, 3) and len(batch["images"]) == 6 * 3 * 2
     assert batch["prompts"][:6] == ["a circle"] * 6 and batch["prompts"][6:12] == ["a square"] * 6
@@ -82,7 +83,8 @@ def test_one_forward_per_branching_state_one_step_per_k_and_on_policy_ratio(trai
     args = g2rpo.Args(shift=3.0, group_size=3, num_steps=4, branch_steps=(0, 1), granularities=(1, 2), minibatches=2,
                       guidance=1.0)
     gen = torch.Generator().manual_seed(1)
-    batch = g2rpo.sample_batch(policy, ["a circle", "three triangles"], {}, args, gen)
+    batch = g2rpo.sample_batch(policy, ["a circle", "three triangles"], {}, args, gen,
+                               torch.Generator().manual_seed(1))
     adv = torch.ones_like(batch["log_probs"])
     events = []
     velocity = policy.velocity
@@ -130,7 +132,7 @@ def test_update_raises_the_rewarded_childs_log_prob(trainable_policy):
     policy = trainable_policy
     args = g2rpo.Args(shift=3.0, group_size=2, num_steps=3, granularities=(1,), minibatches=1, clip_range=10.0, guidance=1.0)
     gen = torch.Generator().manual_seed(2)
-    batch = g2rpo.sample_batch(policy, ["two circles"], {}, args, gen)
+    batch = g2rpo.sample_batch(policy, ["two circles"], {}, args, gen, torch.Generator().manual_seed(1))
     x, sig = batch["states"][:1].expand(2, -1, -1, -1), batch["sigmas"]  # k = 0, the one branching step
 
     def gap():

@@ -27,7 +27,8 @@ def one_update(script, policy, args, micro: int) -> list[torch.Tensor]:
     args = dataclasses.replace(args, micro_batch=micro)
     gen = torch.Generator().manual_seed(0)
     state = script.init_state(policy, args)
-    batch = script.sample_batch(policy, ["a red circle", "two squares"], state, args, gen)
+    batch = script.sample_batch(policy, ["a red circle", "two squares"], state, args, gen,
+                                torch.Generator().manual_seed(1))
     rewards = torch.rand(len(batch["images"]), generator=torch.Generator().manual_seed(1))
     adv = script.compute_advantages(batch, rewards, {}, args)
     script.train_on_batch(policy, torch.optim.SGD(params, lr=1.0), batch, adv, state, args,

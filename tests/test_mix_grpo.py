@@ -25,7 +25,9 @@ def test_frozen_random_and_flash_frozen_windows():
     assert set(starts(mix_grpo.Args(window_strategy="frozen"), 50)) == {0}
     assert set(starts(mix_grpo.Args(flash_frozen=True, window_interval=1), 50)) == {0}
     seen = starts(mix_grpo.Args(num_steps=10, window_size=4, window_strategy="random"), 200)
-    assert set(seen) == set(range(7))  # every l in [0, T - w], nothing outside
+    assert set(seen) == set(range(5))  # every l in [0, T - 2 - w] (the reference's range), nothing outside
+    with pytest.raises(SystemExit, match="at most --num-steps - 2"):
+        mix_grpo.Args(num_steps=5, window_size=4, window_strategy="random")
 
 
 @pytest.mark.parametrize("end,ratio,n_steps", [(4, 0.4, 2), (4, 0.2, 1), (2, 0.5, 4), (9, 0.4, 1), (10, 0.4, 0)])
@@ -112,7 +114,8 @@ def test_sampling_shares_the_noise_and_trains_only_the_window(trainable_policy, 
                          beta=0.0)
     state = {"iteration": 2}  # progressive, tau = 1: the window is {2, 3}
     gen = torch.Generator().manual_seed(0)
-    batch = mix_grpo.sample_batch(policy, ["a circle", "two squares"], state, args, gen)
+    batch = mix_grpo.sample_batch(policy, ["a circle", "two squares"], state, args, gen,
+                                  torch.Generator().manual_seed(1))
     lat = batch["latents"]
     assert list(batch["window"]) == [2, 3] and state["iteration"] == 3
     assert torch.equal(lat[0, :3], lat[2, :3]) and not torch.equal(lat[0, 0], lat[3, 0])  # ODE up to the window

@@ -177,3 +177,38 @@ def test_group_advantages():
     assert torch.equal(same, torch.zeros(4))  # no signal in a group that all scored the same
     with pytest.raises(ValueError, match="at least 2"):
         group_advantages(torch.ones(3), torch.tensor([0, 0, 1]))
+
+
+def test_off_policy_warning_fires_once(capsys):
+    import common
+
+    common._WARNED.discard("onpolicy")
+    common.warn_off_policy({"train/onpolicy_ratio_err": 0.0})
+    common.warn_off_policy({"loss/policy": 0.1})  # AWM logs no ratio
+    assert capsys.readouterr().out == ""
+    common.warn_off_policy({"train/onpolicy_ratio_err": 2e-3})
+    common.warn_off_policy({"train/onpolicy_ratio_err": 5e-3})
+    out = capsys.readouterr().out
+    assert out.count("warning: train/onpolicy_ratio_err") == 1 and "2.00e-03" in out
+
+
+def test_step_kl_is_the_reference_form():
+    """common.step_kl against the reference's formula re-typed in float64, and against the exact KL of the two
+    Gaussian steps (torch.distributions) times |dt|, on every step of a 10-step shift-3 schedule (t = 1 included)."""
+    from common import sde_step, sigma_schedule, step_kl
+
+    torch.manual_seed(0)
+    sig, a = sigma_schedule(10, 3.0).double(), 0.7
+    for j in range(9):
+        x, v, v_ref = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+        t, t_next = sig[j].item(), sig[j + 1].item()
+        mu = sde_step(x, v, t, t_next, a).mean
+        mu_ref = sde_step(x, v_ref, t, t_next, a).mean
+        std_t = a * math.sqrt(t / (1 - (t_next if t == 1 else t)))  # the reference's std_dev_t: no sqrt(-dt)
+        expected = ((mu.double() - mu_ref.double()) ** 2).mean((1, 2, 3)) / (2 * std_t**2)
+        got = step_kl(mu, mu_ref, t, t_next, a)
+        assert torch.allclose(got.double(), expected, rtol=1e-5)
+        step_std = std_t * math.sqrt(t - t_next)
+        exact = torch.distributions.kl_divergence(torch.distributions.Normal(mu.double(), step_std),
+                                                  torch.distributions.Normal(mu_ref.double(), step_std))
+        assert torch.allclose(got.double(), exact.mean((1, 2, 3)) * (t - t_next), rtol=1e-5)

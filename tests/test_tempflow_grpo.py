@@ -47,7 +47,8 @@ def test_branching_children_share_the_main_ode_state(tiny_shapes_policy):
     policy = tiny_shapes_policy
     args = tf.Args(shift=3.0, group_size=3, seeds=2, num_steps=4, guidance=1.0)
     prompts = ["a circle", "two squares"]
-    batch = tf.sample_batch(policy, prompts, {}, args, torch.Generator().manual_seed(0))
+    batch = tf.sample_batch(policy, prompts, {}, args, torch.Generator().manual_seed(0),
+                               torch.Generator().manual_seed(1))
     n, K, ks = 4, 3, [0, 1, 2]  # trajectories (2 prompts x 2 seeds), children, branching steps
     assert batch["steps"].tolist() == [k for k in ks for _ in range(n)]
     assert batch["next"].shape[:2] == (12, K) and batch["log_probs"].shape == (12, K) and len(batch["images"]) == 36
@@ -91,7 +92,8 @@ def test_seed_and_prompt_group_advantages():
 
 def test_no_branching_is_flow_grpo_with_a_shared_seed(tiny_shapes_policy):
     args = tf.Args(shift=3.0, group_size=3, seeds=1, num_steps=3, branching=False, guidance=1.0)
-    batch = tf.sample_batch(tiny_shapes_policy, ["a circle", "a square"], {}, args, torch.Generator().manual_seed(0))
+    batch = tf.sample_batch(tiny_shapes_policy, ["a circle", "a square"], {}, args, torch.Generator().manual_seed(0),
+                               torch.Generator().manual_seed(1))
     assert len(batch["images"]) == 6 and batch["next"].shape[:2] == (12, 1)  # 2 steps x 6 trajectories, 1 child
     x1 = batch["states"][:6]
     assert torch.equal(x1[0], x1[2]) and not torch.equal(x1[0], x1[3])  # x_1 shared by a seed's 3 trajectories
@@ -106,7 +108,7 @@ def test_on_policy_ratio_is_one_and_weights_scale_the_policy_term(trainable_poli
     args = tf.Args(shift=3.0, group_size=2, num_steps=4, branch_steps=1, minibatches=1, beta=0.004, guidance=1.0,
                    branching=branching)
     gen = torch.Generator().manual_seed(1)
-    batch = tf.sample_batch(policy, ["a circle", "three triangles"], {}, args, gen)
+    batch = tf.sample_batch(policy, ["a circle", "three triangles"], {}, args, gen, torch.Generator().manual_seed(1))
     adv = torch.ones_like(batch["log_probs"])  # A = 1: the policy term is -w_k * rho
     stats = tf.train_on_batch(policy, torch.optim.SGD(policy.trainable_parameters(), lr=0.0), batch, adv, {}, args, gen)
     k = int(batch["steps"][0])
@@ -143,7 +145,7 @@ def test_update_raises_the_rewarded_childs_log_prob(trainable_policy):
     policy = trainable_policy
     args = tf.Args(shift=3.0, group_size=2, num_steps=3, branch_steps=1, minibatches=1, clip_range=10.0, beta=0.0, guidance=1.0)
     gen = torch.Generator().manual_seed(2)
-    batch = tf.sample_batch(policy, ["two circles"], {}, args, gen)
+    batch = tf.sample_batch(policy, ["two circles"], {}, args, gen, torch.Generator().manual_seed(1))
     k, x, sig = int(batch["steps"][0]), batch["states"][:1].expand(2, -1, -1, -1), batch["sigmas"]
 
     def gap():
