@@ -790,8 +790,9 @@ def sample_and_score(policy: Policy, prompts: list[str], reward_fn, per_prompt: 
         out = rollout(policy, policy.encode(chunk), x, sigmas, [noise_level] * num_steps, guidance, gen)
         images = policy.decode(out.latents[:, -1])
         s, info = reward_fn(images, chunk)
-        firsts = [img.cpu() for j, img in enumerate(images) if (i + j) % per_prompt == 0]
-        done[c] = (s.cpu(), {k: v.cpu() for k, v in info.items()}, firsts[:max(0, GRID_PROMPTS - (i + per_prompt - 1) // per_prompt)])
+        firsts = [img.cpu() for j, img in enumerate(images) if (i + j) % per_prompt == 0]  # prompts from ceil(i / G)
+        firsts = firsts[:max(0, GRID_PROMPTS - (i + per_prompt - 1) // per_prompt)]
+        done[c] = (s.cpu(), {k: v.cpu() for k, v in info.items()}, firsts)
     done = {c: v for part in all_gather_objects(done) for c, v in part.items()}  # every rank's chunks
     parts = [done[c] for c in sorted(done)]
     return (torch.cat([p[0] for p in parts]), {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]},
@@ -886,13 +887,16 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(resume: str, args: dict) -> tuple[dict, Path]:
     """--resume (a run folder or its checkpoint file): the checkpoint and the run folder. Read with
     weights_only=True (tensors and plain types only, so a run folder someone shared cannot run code) onto the CPU,
-    and checked against this run's arguments before the model loads: the same --model, and the same LoRA where
-    this run sets one."""
+    and checked against this run's arguments before the model loads: the same number of processes, the same
+    --model, and the same LoRA where this run sets one."""
     path = Path(resume)
     file = path / "checkpoint.pt" if path.is_dir() else path
     if not file.is_file():
         raise SystemExit(f"--resume {resume}: no checkpoint at {file}")
     ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    if len(ckpt["gen"]) != world_size():
+        raise SystemExit(f"--resume {resume}: the run was saved by {len(ckpt['gen'])} processes, this one has "
+                         f"{world_size()}; resume it with as many (torchrun --nproc_per_node {len(ckpt['gen'])})")
     saved = ckpt["args"]
     for key in ("model", "lora_rank", "lora_alpha"):
         if (key == "model" or args[key] is not None) and args[key] != saved[key]:

@@ -36,7 +36,7 @@ from rewards import make_reward
 
 @dataclass
 class Args:
-    # ---- shared by every script (TRY NOT TO MODIFY: the same text in all five) ----
+    # ---- shared by every script (TRY NOT TO MODIFY: the same text in every script) ----
     model: str | None = None
     """diffusers SD3 or FLUX pipeline (hub id or local folder); unset: the embedded shapes base, no download"""
     reward: str = "shapes"
@@ -214,7 +214,7 @@ def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, arg
 
 
 # ------------------------------------------------------------------------------------------------
-# The loop (TRY NOT TO MODIFY: the same text in all five scripts)
+# The loop (TRY NOT TO MODIFY: the same text in every script)
 # ------------------------------------------------------------------------------------------------
 def check_args(args: Args) -> None:
     if args.group_size < 2:
@@ -283,8 +283,6 @@ def main(args: Args) -> dict:
     start, wall_offset, samples, train_time = 0, 0.0, 0, 0.0
     run_dir = run_dir or Path(all_gather_objects(new_run_dir(args.out, Path(__file__).stem) if rank == 0 else None)[0])
     if ckpt:
-        if len(ckpt["gen"]) != world:
-            raise SystemExit(f"--resume: the run was saved by {len(ckpt['gen'])} processes; resume it with as many")
         policy.load_trainable_state(ckpt["trainable"])
         opt.load_state_dict(ckpt["optimizer"])  # moves its state to the parameters' device
         ema.shadow = to_device(ckpt["ema"], device)

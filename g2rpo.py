@@ -32,12 +32,12 @@ from common import (EMA, Logger, all_gather_objects, all_reduce, close_distribut
                     lora_config, lora_targets, new_run_dir, pick_device, print0, reduce_metrics, rollout,
                     save_checkpoint, save_grid, sde_step, seed_everything, step_kl, sync_gradients, to_device,
                     warn_off_policy, weight_memory)
-from rewards import make_reward
+from rewards import make_reward, parse_reward_spec
 
 
 @dataclass
 class Args:
-    # ---- shared by every script (TRY NOT TO MODIFY: the same text in all five) ----
+    # ---- shared by every script (TRY NOT TO MODIFY: the same text in every script) ----
     model: str | None = None
     """diffusers SD3 or FLUX pipeline (hub id or local folder); unset: the embedded shapes base, no download"""
     reward: str = "shapes"
@@ -198,10 +198,15 @@ def compute_advantages(batch: dict, rewards: torch.Tensor, info: dict, args: Arg
     """Multi-granularity advantage integration: per parent x_k and granularity lambda, the z-score of its G
     children's rewards (unbiased std + 1e-8, as the reference), summed over lambda, clipped. In float64, so that
     a granularity whose children scored alike adds exactly 0 (float32's mean of equal values can be off by a
-    rounding error, which + 1e-8 would blow up). (parents, children)."""
-    r = rewards.double().view(*batch["log_probs"].shape, len(args.granularities))
-    z = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-8)
-    return z.sum(2).float().clamp(-args.adv_clip, args.adv_clip)
+    rounding error, which + 1e-8 would blow up). Several rewards (e.g. hpsv2:1,clipscore:1): each is z-scored on
+    its own and the z-scores are added with the weights, as the reference does. (parents, children)."""
+    parts = parse_reward_spec(args.reward)
+    scores = [(rewards, 1.0)] if len(parts) == 1 else [(info[name], w) for name, w in parts]
+    adv = 0
+    for s, w in scores:
+        r = s.double().view(*batch["log_probs"].shape, len(args.granularities))
+        adv = adv + w * ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-8)).sum(2)
+    return adv.float().clamp(-args.adv_clip, args.adv_clip)
 
 
 def init_state(policy, args: Args) -> dict:
@@ -267,7 +272,7 @@ def train_on_batch(policy, opt, batch: dict, adv: torch.Tensor, state: dict, arg
 
 
 # ------------------------------------------------------------------------------------------------
-# The loop (TRY NOT TO MODIFY: the same text in all five scripts)
+# The loop (TRY NOT TO MODIFY: the same text in every script)
 # ------------------------------------------------------------------------------------------------
 def check_args(args: Args) -> None:
     if args.group_size < 2:
@@ -336,8 +341,6 @@ def main(args: Args) -> dict:
     start, wall_offset, samples, train_time = 0, 0.0, 0, 0.0
     run_dir = run_dir or Path(all_gather_objects(new_run_dir(args.out, Path(__file__).stem) if rank == 0 else None)[0])
     if ckpt:
-        if len(ckpt["gen"]) != world:
-            raise SystemExit(f"--resume: the run was saved by {len(ckpt['gen'])} processes; resume it with as many")
         policy.load_trainable_state(ckpt["trainable"])
         opt.load_state_dict(ckpt["optimizer"])  # moves its state to the parameters' device
         ema.shadow = to_device(ckpt["ema"], device)

@@ -116,6 +116,8 @@ def make_reward(spec: str) -> RewardFn:
                     f"tensors (score under torch.no_grad() and freeze its model with requires_grad_(False)), or the "
                     f"training update backpropagates into the reward model")
             s = s.float().cpu()
+            if s.shape != (len(images),):
+                raise ValueError(f"reward {name!r} returned scores of shape {tuple(s.shape)} for {len(images)} images")
             if not torch.isfinite(s).all():
                 raise FloatingPointError(f"reward {name!r} returned non-finite scores")
             total += w * s
@@ -298,10 +300,9 @@ def _problem(key: str) -> tuple[str, str] | None:
 
 
 def missing_models(rewards: list[str]) -> list[str]:
-    """One line per model the named rewards need and this machine lacks: what is missing and how to get it.
-    Rewards registered as unavailable (UNAVAILABLE) give their explanation."""
+    """One line per model the named rewards need and this machine lacks: what is missing and how to get it."""
     found: dict[tuple[str, str], list[tuple[str, str]]] = {}  # (what, how) -> [(reward (key), variable)]
-    lines = [UNAVAILABLE[r] for r in dict.fromkeys(rewards) if r in UNAVAILABLE]
+    lines = []
     for r in dict.fromkeys(rewards):
         for key in model_keys(r):
             problem = _problem(key)
@@ -680,11 +681,6 @@ def aesthetic(images, prompts):
             emb = _embeds(model.get_image_features(pixel_values=pre(images[sl].to(dev)))).float()
             out.append(mlp(torch.nn.functional.normalize(emb, dim=-1)).squeeze(-1))
     return torch.cat(out).cpu(), {}
-
-
-# Rewards the papers use that no maintained package loads here: registered, so their names are known, but
-# make_reward refuses them up front with these explanations.
-UNAVAILABLE: dict[str, str] = {}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ script in this process: `module.main(module.Args(...))` with the values of its R
 torch.cuda.max_memory_allocated / max_memory_reserved between log points and the seconds per iteration from
 the run's metrics.jsonl (time/sample, time/reward, time/train), and writes a Markdown table and a JSON.
 
-    python benchmarks/gpu_memory.py                       # every configuration (about 40 min on an H100/H200)
+    python benchmarks/gpu_memory.py                       # every configuration (estimated 30-40 min on an H100/H200)
     python benchmarks/gpu_memory.py --only flow_grpo-sd3 flow_grpo-sd3-plain --models-dir /tmp/random_models
     python benchmarks/gpu_memory.py --list                # the configurations and the README values they run
     python benchmarks/gpu_memory.py --tiny                # the same code path on tiny models, CPU, seconds
@@ -478,23 +478,26 @@ def _f(v, digits=1):
 
 
 def markdown(result: dict) -> str:
-    s, tiny = result["shrunk"], result["tiny"]
+    s, tiny, v = result["shrunk"], result["tiny"], result["versions"]
+    title = " (--tiny: tiny models on the CPU, a test of the script)" if tiny else ""
+    sizes = ("tiny sizes instead, at 64 px" if tiny else
+             "SD3.5-M: 2.5B MMDiT + CLIP-L, CLIP-G, T5-XXL; FLUX.1-dev: 12B + CLIP-L, T5-XXL")
+    timed = "iteration 2's" if s["steps"] == 2 else f"the mean of iterations 2 to {s['steps']}"
     lines = [
-        f"# Peak GPU memory and seconds per iteration{' (--tiny: tiny models on the CPU, a test of the script)' if tiny else ''}",
+        f"# Peak GPU memory and seconds per iteration{title}",
         "",
-        f"{result['device']}; torch {result['versions']['torch']}, diffusers {result['versions']['diffusers']}, "
-        f"transformers {result['versions']['transformers']}, peft {result['versions']['peft']}; {result['date']}.",
+        f"{result['device']}; torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}, "
+        f"peft {v['peft']}; {result['date']}.",
         "",
         "Each row runs its README command (`python SCRIPT.py --model HUB_ID ...`, README.md \"Running on real "
-        "models\") in this process with every value of the command" + (", at 512 px" if not tiny else
-        f", at {TINY_RESOLUTION} px") + f", on random weights built from the real configs "
-        f"({'tiny sizes instead' if tiny else 'SD3.5-M: 2.5B MMDiT + CLIP-L, CLIP-G, T5-XXL; FLUX.1-dev: 12B + CLIP-L, T5-XXL'}),"
-        f" saved in bf16 and loaded as the command says. Shrunk: `--steps {s['steps']}` (s / it is the mean of "
-        f"iterations 2..{s['steps']}; the first is warm-up), evaluation on {s['eval_prompts']} generated prompts x "
-        f"`--eval-per-prompt {s['eval_per_prompt']}` (a real evaluation samples up to 64 images per call, so its "
-        f"peak is understated here), {s['train_prompts']} generated training prompts. Rewards other than "
-        f"PickScore, CLIPScore and the aesthetic head are scored by PickScore (random CLIP ViT-H/14, 0.99B in fp32, "
-        f"larger than GenEval's Mask2Former + CLIP-L).",
+        "models\") in one process with every value of the command, on random weights built from the real configs "
+        f"({sizes}), saved in bf16 and loaded as the command says. Shrunk: `--steps {s['steps']}` (s / it is "
+        f"{timed}; the first is warm-up), evaluation on {s['eval_prompts']} generated prompts x `--eval-per-prompt "
+        f"{s['eval_per_prompt']}` (a real evaluation samples up to 64 images per call, so its peak is understated "
+        f"here), {s['train_prompts']} generated training prompts. Rewards other than PickScore, CLIPScore and the "
+        "aesthetic head are scored by PickScore (random CLIP ViT-H/14, 0.99B in fp32, larger than GenEval's "
+        "Mask2Former + CLIP-L)." + (" --tiny also shrinks each group to 2 images (or as many as --minibatches "
+                                    "needs), TempFlow-GRPO's seeds to 1 and evaluation to 4 steps." if tiny else ""),
         "",
         "Peak: `torch.cuda.max_memory_allocated` (tensors; the CUDA context adds about 0.5-1 GiB to what "
         "nvidia-smi shows); training = the highest of any training iteration (sampling, reward, update); whole run "
@@ -609,14 +612,13 @@ def main(argv: list[str] | None = None) -> dict:
         line, need[kind] = describe_sizes(f"reward {kind} (fp32)", parameter_counts(kind, size), 4)
         print(line)
     temporary = a.models_dir is None
-    models_dir = Path(a.models_dir) if a.models_dir else Path(tempfile.mkdtemp(prefix="gpu_memory_models_"))
-    models_dir.mkdir(parents=True, exist_ok=True)
-    folders = {k: models_dir / (k if k in reward_kinds else f"{k}_{size}") for k in need}
+    models_dir = Path(a.models_dir) if a.models_dir else Path(tempfile.gettempdir()) / "gpu_memory_models_?"
+    folders = {k: models_dir / f"{k}_{size}" for k in need}
     to_build = {k: n for k, n in need.items() if not built(folders[k], size)}
     # deleted after use when temporary: at most the rewards and one pipeline are on disk at a time
     disk = (sum(n for k, n in to_build.items() if k in reward_kinds) + max([n for k, n in to_build.items()
             if k in families] or [0])) if temporary else sum(to_build.values())
-    free = shutil.disk_usage(models_dir).free
+    free = shutil.disk_usage(next(d for d in [models_dir, *models_dir.parents] if d.exists())).free
     ram, shard = available_ram(), min(5 * 10**9, max(need.values()))
     print(f"  disk: {disk / GIB:.1f} GiB to write at {models_dir} ({free / GIB:.0f} GiB free); RAM: about "
           f"{(shard + text_encoders) / GIB:.0f} GiB (a shard of at most 5 GB while saving, the text encoders after "
@@ -625,15 +627,11 @@ def main(argv: list[str] | None = None) -> dict:
     if disk * 1.05 > free:
         raise SystemExit(f"not enough disk at {models_dir}: {disk / GIB:.1f} GiB needed, {free / GIB:.1f} GiB free "
                          f"(pass --models-dir on a larger disk)")
-
-    for kind in reward_kinds:
-        if kind in to_build:
-            t0 = time.time()
-            save_reward_model(kind, size, folders[kind], device)
-            print(f"built reward {kind} in {time.time() - t0:.0f} s")
+    if temporary:
+        models_dir = Path(tempfile.mkdtemp(prefix="gpu_memory_models_"))
+        folders = {k: models_dir / f"{k}_{size}" for k in need}
+    models_dir.mkdir(parents=True, exist_ok=True)
     saved_env = {k: os.environ.get(k) for k in reward_env(folders)}
-    os.environ.update(reward_env(folders))
-
     work = Path(tempfile.mkdtemp(prefix="gpu_memory_runs_"))
     prompts, eval_prompts = work / "train.txt", work / "eval.txt"
     prompts.write_text("\n".join(make_prompts(a.train_prompts, 0)) + "\n")
@@ -655,6 +653,12 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": [],
     }
     try:
+        for kind in reward_kinds:
+            if kind in to_build:
+                t0 = time.time()
+                save_reward_model(kind, size, folders[kind], device)
+                print(f"built reward {kind} in {time.time() - t0:.0f} s", flush=True)
+        os.environ.update(reward_env(folders))
         for fam in families:
             if fam in to_build:
                 t0 = time.time()

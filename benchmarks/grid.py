@@ -44,6 +44,8 @@ VARIANTS = {
     "tempflow_noweight": ("TempFlow, no noise weighting", "tempflow_grpo.py --no-noise-weighting"),
     "g2rpo": ("G²RPO", "g2rpo.py"),
     "g2rpo_single": ("G²RPO, Λ = {1} (no multi-granularity)", "g2rpo.py --granularities 1"),
+    "dance_grpo": ("DanceGRPO", "dance_grpo.py"),
+    "diffusion_nft": ("DiffusionNFT", "diffusion_nft.py"),
 }
 
 

@@ -21,7 +21,9 @@ import common  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "two green triangles", "a yellow circle left of a red square"]
 EXTRA = {"awm": dict(train_timesteps=2, global_std=True), "mix_grpo": dict(window_size=2, window_interval=1),
-         "flow_grpo": dict(global_std=True), "g2rpo": dict(granularities=(1, 2)), "tempflow_grpo": dict(seeds=2)}
+         "flow_grpo": dict(global_std=True), "g2rpo": dict(granularities=(1, 2)), "tempflow_grpo": dict(seeds=2),
+         "dance_grpo": dict(timestep_fraction=0.7),
+         "diffusion_nft": dict(timestep_fraction=0.5)}
 TREE = ("g2rpo", "tempflow_grpo")  # batches of parent states x_k (ordered (k, trajectory)) instead of images
 
 
@@ -67,7 +69,7 @@ def take_parents(batch: dict, trajectories: torch.Tensor) -> tuple[dict, torch.T
     return out, images
 
 
-SCRIPTS = ["flow_grpo", "awm", "mix_grpo", "g2rpo", "tempflow_grpo"]
+SCRIPTS = ["flow_grpo", "awm", "mix_grpo", "g2rpo", "tempflow_grpo", "dance_grpo", "diffusion_nft"]
 
 
 def one_update(name: str, out_dir: Path, rank: int, world: int) -> None:

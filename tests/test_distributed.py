@@ -16,7 +16,7 @@ import torch
 import common
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["flow_grpo", "awm", "mix_grpo", "g2rpo", "tempflow_grpo"]
+SCRIPTS = ["flow_grpo", "awm", "mix_grpo", "g2rpo", "tempflow_grpo", "dance_grpo", "diffusion_nft"]
 TINY = ["--prompts-per-step", "2", "--group-size", "4", "--num-steps", "3", "--eval-num-steps", "3",
         "--eval-per-prompt", "1", "--eval-every", "1", "--save-every", "1", "--threads", "1", "--device", "cpu"]
 
@@ -87,7 +87,7 @@ def test_torchrun_trains_logs_once_resumes_and_evaluates_as_one_process(tmp_path
     single = tmp_path / "single"
     check(launch("flow_grpo.py", *TINY, "--steps", "0", "--out", str(single), ranks=1))
     assert records(single)[0]["eval/score"] == [r for r in recs if "eval/score" in r][0]["eval/score"]
-    with pytest.raises(AssertionError, match="resume it with as many"):
+    with pytest.raises(AssertionError, match="saved by 2 processes, this one has 1"):
         check(launch("flow_grpo.py", *TINY, "--steps", "4", "--resume", str(out), ranks=1))
 
 

@@ -59,6 +59,24 @@ def test_multi_granularity_advantages_match_an_independent_computation():
     assert np.allclose(adv.numpy(), np.clip(ref, -1, 1), atol=1e-4) and (np.abs(ref) > 1).any()
 
 
+def test_several_rewards_are_z_scored_each_then_added():
+    """hpsv2:1,clipscore:0.5 as the reference (train_g2rpo_hps_clip.py): each reward's group z-score on its own,
+    then the weighted sum, not one z-score of the weighted reward sum."""
+    P, G, J = 2, 4, 2
+    batch = {"log_probs": torch.zeros(P, G)}
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.rand(P * G * J, generator=gen), 100 * torch.rand(P * G * J, generator=gen)  # b on a larger scale
+
+    def z(x):
+        x = x.double().view(P, G, J)
+        return ((x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-8)).sum(2)
+
+    args = g2rpo.Args(granularities=(1, 2), reward="hpsv2:1,clipscore:0.5", adv_clip=100.0)
+    adv = g2rpo.compute_advantages(batch, a + 0.5 * b, {"hpsv2": a, "clipscore": b}, args)
+    assert torch.allclose(adv.double(), z(a) + 0.5 * z(b), atol=1e-5)
+    assert not torch.allclose(adv.double(), z(a + 0.5 * b), atol=1e-2)
+
+
 def test_branching_layout_and_bad_arguments(tiny_shapes_policy):
     args = g2rpo.Args(shift=3.0, group_size=3, num_steps=6, granularities=(1, 2), guidance=1.0)
     assert g2rpo.branch_steps(args) == [0, 1, 2] and g2rpo.branch_steps(g2rpo.Args(branch_steps=(2, 5))) == [2, 5]

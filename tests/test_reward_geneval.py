@@ -360,7 +360,7 @@ def test_one_iteration_with_geneval(script, geneval_env, tmp_path, tiny_sd3_dir,
     detector alone scores every image alike), and the geneval info logged."""
     import awm
     import flow_grpo
-    from test_train_with_rewards import assert_trained, train_once
+    from reward_runs import assert_trained, train_once
 
     module, extra = {"flow_grpo": (flow_grpo, {}), "awm": (awm, {"train_timesteps": 2})}[script]
     monkeypatch.setattr(R, "GENEVAL_TEST_SCALE", (64, 64))

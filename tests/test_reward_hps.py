@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 import flow_grpo
 import rewards as R
 from test_real_rewards import CLIP_MEAN, CLIP_STD, _tokenizer, clip_env, tiny_clip_dir  # noqa: F401 (fixtures)
-from test_train_with_rewards import assert_trained, train_once
+from reward_runs import assert_trained, train_once
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)  # OpenAI CLIP's, as open_clip uses
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)

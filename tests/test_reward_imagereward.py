@@ -15,7 +15,7 @@ import torch
 import awm
 import flow_grpo
 import rewards as R
-from test_train_with_rewards import GENEVAL_PROMPT, assert_trained, train_once
+from reward_runs import GENEVAL_PROMPT, assert_trained, train_once
 
 # tiny sizes; heads stay 16 (ViT-L) and 12 (BERT-base), so head dims are 2
 TINY = dict(width=32, blocks=1, patch=8, grid=4, mlp=64, t_width=24, t_layers=1, t_mlp=48, positions=40)

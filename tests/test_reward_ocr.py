@@ -185,7 +185,7 @@ def test_one_iteration_with_ocr(script, ocr_model_dir, tmp_path, tiny_sd3_dir, m
     so OCR alone scores every image 0), the ocr component logged."""
     import awm
     import flow_grpo
-    from test_train_with_rewards import assert_trained, train_once
+    from reward_runs import assert_trained, train_once
 
     module, extra = {"flow_grpo": (flow_grpo, {}), "awm": (awm, {"train_timesteps": 2})}[script]
     monkeypatch.setenv("CLEANFLOWRL_MODEL_OCR", str(ocr_model_dir))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["awm.py", "mix_grpo.py", "tempflow_grpo.py", "g2rpo.py"]
+SCRIPTS = ["awm.py", "mix_grpo.py", "tempflow_grpo.py", "g2rpo.py", "dance_grpo.py", "diffusion_nft.py"]
 
 
 def shared_parts(script: str) -> tuple[str, str]:

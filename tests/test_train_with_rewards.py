@@ -4,78 +4,40 @@ a graph through its reward model (its weights required grad) into the advantages
 ("Trying to backward through the graph a second time"); the tests only ever scored with it. And a missing
 reward model must stop a script before its diffusion model loads, naming what is missing."""
 
-import json
-import math
-
 import pytest
-import torch
 
 import awm
-import common
 import flow_grpo
 import g2rpo
 import mix_grpo
 import rewards as R
 import tempflow_grpo
+from reward_runs import GENEVAL_PROMPT, OCR_PROMPT, assert_trained, train_once
 from test_real_rewards import tiny_clip_dir, tiny_ocr_dir, tiny_owl_dir  # noqa: F401 (fixtures)
+from test_reward_hps import tiny_hps  # noqa: F401 (fixture)
+from test_reward_imagereward import tiny_ir  # noqa: F401 (fixture)
 
 SCRIPTS = {"flow_grpo": (flow_grpo, {}), "awm": (awm, {"train_timesteps": 2}),
            "mix_grpo": (mix_grpo, {"num_steps": 4, "window_size": 2, "window_interval": 1}),
            "tempflow_grpo": (tempflow_grpo, {}), "g2rpo": (g2rpo, {"granularities": (1, 2)})}
-# a GenEval prompt cannot also carry the quoted text OCR reads, so OCR trains on its own prompt
-GENEVAL_PROMPT, OCR_PROMPT = "a photo of a red car", 'a sign that says "OPEN LATE"'
 EVERY_REWARD = {  # together, every real reward
-    "geneval_prompts": ("pickscore:1,clipscore:1,aesthetic:1,geneval:1", GENEVAL_PROMPT),
-    "ocr_prompts": ("pickscore:1,clipscore:1,aesthetic:1,ocr:1", OCR_PROMPT),
+    "geneval_prompts": ("pickscore:1,clipscore:1,aesthetic:1,hpsv2:1,geneval:1", GENEVAL_PROMPT),
+    "ocr_prompts": ("pickscore:1,clipscore:1,imagereward:1,ocr:1", OCR_PROMPT),
 }
 
 
 @pytest.fixture
-def reward_env(tiny_clip_dir, tiny_ocr_dir, tiny_owl_dir, monkeypatch):  # noqa: F811
+def reward_env(tiny_clip_dir, tiny_ocr_dir, tiny_owl_dir, tiny_hps, tiny_ir, monkeypatch):  # noqa: F811
     """Every $CLEANFLOWRL_MODEL_<KEY> pointed at a tiny random model."""
+    monkeypatch.setenv("CLEANFLOWRL_MODEL_HPSV2", str(tiny_hps[1]))
+    monkeypatch.setenv("CLEANFLOWRL_MODEL_HPSV2_TOKENIZER", str(tiny_hps[0] / "tokenizer"))
+    monkeypatch.setenv("CLEANFLOWRL_MODEL_IMAGEREWARD", str(tiny_ir[0]))
+    monkeypatch.setenv("CLEANFLOWRL_MODEL_IMAGEREWARD_TOKENIZER", str(tiny_ir[2]))
     for key in ("pickscore", "pickscore_processor", "clipscore", "aesthetic_clip"):
         monkeypatch.setenv(f"CLEANFLOWRL_MODEL_{key.upper()}", str(tiny_clip_dir))
     monkeypatch.setenv("CLEANFLOWRL_MODEL_AESTHETIC_MLP", str(tiny_clip_dir / "aesthetic.pth"))
     monkeypatch.setenv("CLEANFLOWRL_MODEL_OCR", str(tiny_ocr_dir))
     monkeypatch.setenv("CLEANFLOWRL_MODEL_GENEVAL", str(tiny_owl_dir))
-
-
-def train_once(module, model, tmp_path, reward, prompt, monkeypatch, **extra):
-    """One iteration of `module` with the smallest settings; returns (metrics records, trainable state when the
-    adapters were added, trainable state saved after the iteration)."""
-    initial = []
-    add_lora = common.Policy.add_lora
-
-    def recording_add_lora(policy, *args, **kwargs):
-        add_lora(policy, *args, **kwargs)
-        initial.append(policy.trainable_state())
-
-    monkeypatch.setattr(common.Policy, "add_lora", recording_add_lora)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(prompt + "\n")
-    kw = dict(model=str(model), resolution=64, reward=reward, prompts=str(prompts), eval_prompts=str(prompts),
-              steps=1, prompts_per_step=1, group_size=2, num_steps=3, eval_num_steps=2, eval_per_prompt=1,
-              eval_every=1, save_every=1, minibatches=1, lora_rank=4, lora_alpha=4.0, threads=1, device="cpu",
-              out=str(tmp_path / "run"))
-    module.main(module.Args(**{**kw, **extra}))
-    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=False)  # written here
-    assert len(initial) == 1
-    return recs, initial[0], ckpt["trainable"]
-
-
-def assert_trained(recs, initial, trained, moved=True):
-    """One training record with a finite reward; with `moved`, the rewards differed within the group and the
-    LoRA weights moved. Their B matrices start at zero, so weight decay alone cannot move them: only a gradient
-    step through the loss does."""
-    train = [r for r in recs if "reward/mean" in r]
-    assert len(train) == 1 and math.isfinite(train[0]["reward/mean"])
-    lora_b = [n for n in initial if "lora_B" in n]
-    assert lora_b and set(trained) == set(initial) and all(torch.isfinite(t).all() for t in trained.values())
-    assert all(initial[n].abs().max() == 0 for n in lora_b)
-    if moved:
-        assert train[0]["adv/abs_mean"] > 0
-        assert any(trained[n].abs().max() > 0 for n in lora_b), "the LoRA weights did not move"
 
 
 @pytest.mark.parametrize("prompts", list(EVERY_REWARD))
