@@ -219,19 +219,21 @@ def _sigma_t(sig: torch.Tensor, sig_next: torch.Tensor, noise_level: float) -> t
     return noise_level * torch.sqrt(sig / (1 - torch.where(sig == 1, sig_next, sig)))
 
 
-def sde_step(x, v, sigma, sigma_next, noise_level: float, noise=None, prev_sample=None, generator=None) -> Step:
+def sde_step(x, v, sigma, sigma_next, noise_level: float, noise=None, prev_sample=None, generator=None,
+             constant: bool = False) -> Step:
     """One Euler-Maruyama step of the marginal-preserving reverse SDE of rectified flow (Flow-GRPO):
 
         dx = [v + sigma_t^2 / (2 t) * (x + (1 - t) v)] dt + sigma_t dw,   sigma_t = a * sqrt(t / (1 - t))
 
     with t = sigma, dt = sigma_next - sigma < 0 and a = noise_level. At t = 1 the denominator 1 - t is
     replaced by 1 - sigma_next. a = 0 is the plain Euler ODE step x + v * dt, which has no density.
+    constant=True takes sigma_t = a at every t: DanceGRPO's SDE (see dance_grpo.dance_step).
     All arithmetic is float32, whatever the model's dtype. sigma and sigma_next are floats or (B,) tensors.
     """
     x, v = x.float(), v.float()
     sig, sig_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
     dt = sig_next - sig
-    std_t = _sigma_t(sig, sig_next, noise_level)
+    std_t = torch.full_like(sig, noise_level) if constant else _sigma_t(sig, sig_next, noise_level)
     mean = x + (v + std_t**2 / (2 * sig) * (x + (1 - sig) * v)) * dt
     std = std_t * torch.sqrt(-dt)
     if noise_level == 0:

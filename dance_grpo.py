@@ -20,7 +20,6 @@ See docs/dance_grpo.md for every implementation detail.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from common import (EMA, Logger, Step, all_gather_objects, close_distributed, evaluate, gather_scores, global_rows,
                     group_advantages, index_cond, init_distributed, load_checkpoint, load_policy, load_prompts,
                     local_minibatches, lora_config, lora_targets, new_run_dir, pick_device, print0, reduce_metrics,
-                    save_checkpoint, save_grid, seed_everything, sigma_schedule, sync_gradients, to_device,
+                    save_checkpoint, save_grid, sde_step, seed_everything, sigma_schedule, sync_gradients, to_device,
                     warn_off_policy, weight_memory, world_size)
 from rewards import make_reward, parse_reward_spec
 
@@ -152,24 +151,7 @@ def dance_step(x, v, sigma, sigma_next, eta: float, noise=None, prev_sample=None
 
     (Flow-GRPO's step with sigma_t = eta at every t). eta = 0 is the Euler ODE step x + v dt, which has no density.
     Float32; sigma and sigma_next are floats or (B,) tensors. Returns what common.sde_step returns."""
-    x, v = x.float(), v.float()
-    sig, sig_next = (torch.as_tensor(s, dtype=torch.float32, device=x.device) for s in (sigma, sigma_next))
-    if sig.ndim == 1:  # one sigma per sample
-        sig, sig_next = (s.view(-1, *([1] * (x.ndim - 1))) for s in (sig, sig_next))
-    dt = sig_next - sig
-    mean = x + (v + eta**2 / (2 * sig) * (x + (1 - sig) * v)) * dt
-    std = eta * torch.sqrt(-dt)
-    if eta == 0:
-        if prev_sample is not None:
-            raise ValueError("eta 0 is the deterministic ODE step: it has no density, so no log-prob of prev_sample")
-        return Step(mean, None, mean, std)
-    if prev_sample is None:
-        if noise is None:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        prev_sample = mean + std * noise
-    prev_sample = prev_sample.float()
-    log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    return Step(prev_sample, log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std)
+    return sde_step(x, v, sigma, sigma_next, eta, noise, prev_sample, generator, constant=True)
 
 
 @torch.no_grad()
