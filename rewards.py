@@ -372,13 +372,11 @@ def _side(v, default: int) -> tuple[int, int]:
 
 
 class _Pre:
-    """Image preprocessing from a preprocessor_config.json, in torch. mode "clip": resize the short side
-    (bicubic, antialiased) and centre-crop; "pad_square": pad bottom/right with grey to a square, then
-    resize (OWLv2); "resize": resize to the target size (ViT / TrOCR)."""
+    """CLIP image preprocessing from a preprocessor_config.json, in torch: resize the short side (bicubic,
+    antialiased), centre-crop, normalise."""
 
-    def __init__(self, repo_or_dir: str, mode: str):
+    def __init__(self, repo_or_dir: str):
         cfg = json.loads(_hub_file(repo_or_dir, "preprocessor_config.json").read_text())
-        self.mode = mode
         self.mean = torch.tensor(cfg.get("image_mean", [0.5] * 3)).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.get("image_std", [0.5] * 3)).view(1, 3, 1, 1)
         self.size = _side(cfg.get("size"), 224)
@@ -388,19 +386,13 @@ class _Pre:
         import torch.nn.functional as F
 
         x = images.float().clamp(0, 1)
-        if self.mode == "clip":
-            h, w = x.shape[-2:]
-            s = self.size[0]  # the short side to s, the long side truncated to int(s * long / short), as transformers
-            size = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
-            x = F.interpolate(x, size=(max(size[0], self.crop[0]), max(size[1], self.crop[1])),
-                              mode="bicubic", antialias=True, align_corners=False)
-            top, left = (x.shape[-2] - self.crop[0]) // 2, (x.shape[-1] - self.crop[1]) // 2
-            x = x[..., top:top + self.crop[0], left:left + self.crop[1]]
-        else:
-            if self.mode == "pad_square":
-                h, w = x.shape[-2:]
-                x = F.pad(x, (0, max(h, w) - w, 0, max(h, w) - h), value=0.5)
-            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        h, w = x.shape[-2:]
+        s = self.size[0]  # the short side to s, the long side truncated to int(s * long / short), as transformers
+        size = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+        x = F.interpolate(x, size=(max(size[0], self.crop[0]), max(size[1], self.crop[1])),
+                          mode="bicubic", antialias=True, align_corners=False)
+        top, left = (x.shape[-2] - self.crop[0]) // 2, (x.shape[-1] - self.crop[1]) // 2
+        x = x[..., top:top + self.crop[0], left:left + self.crop[1]]
         return ((x.clamp(0, 1) - self.mean.to(x.device)) / self.std.to(x.device))
 
 
@@ -430,7 +422,7 @@ def _clip_cosine(key: str, images: torch.Tensor, prompts: list[str], processor_k
 
     def load():
         proc = model_id(processor_key)
-        return _pretrained(CLIPModel, model_id(key), dev), AutoTokenizer.from_pretrained(proc), _Pre(proc, "clip")
+        return _pretrained(CLIPModel, model_id(key), dev), AutoTokenizer.from_pretrained(proc), _Pre(proc)
 
     model, tok, pre = _cached(key, dev, load)
     out = []
@@ -636,27 +628,7 @@ class AestheticMLP(torch.nn.Module):
 
 
 def _load_aesthetic_mlp(spec: str) -> AestheticMLP:
-    parts = spec.split("/")
-    if Path(spec).is_file():
-        path = Path(spec)
-    elif len(parts) >= 3:
-        path = _hub_file("/".join(parts[:2]), "/".join(parts[2:]))
-    else:
-        raise OSError(f"{spec!r} is neither a local file nor '<owner>/<repo>/<file>' on the hub")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:  # a pickle: tensors only (weights_only), so a shared checkpoint cannot run code
-        import pickle
-
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise RewardModelUnavailable(
-                f"refusing to load {path}: it holds more than tensors, and unpickling it could run code "
-                f"(torch.load weights_only=True failed: {str(e).strip().splitlines()[0]}). Save its state_dict "
-                f"alone, or as .safetensors") from None
+    state, _ = _state_dict_file(spec)  # .safetensors, or a pickle read with weights_only=True
     mlp = AestheticMLP(state["layers.0.weight"].shape[1])
     mlp.load_state_dict(state)
     return _frozen(mlp)
@@ -672,7 +644,7 @@ def aesthetic(images, prompts):
 
     def load():
         clip = model_id("aesthetic_clip")
-        return _pretrained(CLIPModel, clip, dev), _Pre(clip, "clip"), _load_aesthetic_mlp(model_id("aesthetic_mlp")).to(dev)
+        return _pretrained(CLIPModel, clip, dev), _Pre(clip), _load_aesthetic_mlp(model_id("aesthetic_mlp")).to(dev)
 
     model, pre, mlp = _cached("aesthetic", dev, load)
     out = []
@@ -1303,7 +1275,7 @@ def _geneval_clip(dev):
     from transformers import AutoTokenizer, CLIPModel
 
     mid = model_id("geneval_clip")
-    return _pretrained(CLIPModel, mid, dev), AutoTokenizer.from_pretrained(mid), _Pre(mid, "clip"), {}
+    return _pretrained(CLIPModel, mid, dev), AutoTokenizer.from_pretrained(mid), _Pre(mid), {}
 
 
 def geneval_colors(image: torch.Tensor, classname: str, dets: list[Detection]) -> list[str]:

@@ -390,7 +390,7 @@ def _both(tmp_path, h, w):
          "image_std": CLIP_STD, "resample": 3}))
     arr = _smooth_image(h, w, seed=h + w)
     x = torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255
-    ours = rewards._Pre(str(tmp_path), "clip")(x)[0]
+    ours = rewards._Pre(str(tmp_path))(x)[0]
     theirs = torch.from_numpy(np.asarray(_transformers_processor()(images=Image.fromarray(arr),
                                                                    return_tensors="np")["pixel_values"][0]))
     assert ours.shape == theirs.shape == (3, 224, 224)
