@@ -1,18 +1,18 @@
-"""Peak GPU memory and seconds per iteration of the README's real-model commands, on random weights.
+"""Peak GPU memory and seconds per iteration of the real-model commands (docs/real_models.md), on random weights.
 
 Nothing is downloaded. The script builds diffusers pipeline folders from the real configurations with random
 weights (SD3.5-Medium: the MMDiT with 24 layers, dual attention in the first 13, and its three text encoders
 CLIP-L, CLIP-G and T5-XXL; FLUX.1-dev: 19 double and 38 single blocks, CLIP-L and T5-XXL; the 16-channel VAE),
 saves them in bf16 (tokenizers built in code), builds the reward models the commands score with (random CLIP
 ViT-H/14 for PickScore, CLIP ViT-L/14 for CLIPScore and the aesthetic head), then runs each configuration's
-script in this process: `module.main(module.Args(...))` with the values of its README command, shrunk only in
+script in this process: `module.main(module.Args(...))` with the values of its command in docs/real_models.md, shrunk only in
 --steps, --eval-per-prompt and the number of evaluation prompts (generated prompt files). It records
 torch.cuda.max_memory_allocated / max_memory_reserved between log points and the seconds per iteration from
 the run's metrics.jsonl (time/sample, time/reward, time/train), and writes a Markdown table and a JSON.
 
     python benchmarks/gpu_memory.py                       # every configuration (estimated 30-40 min on an H100/H200)
     python benchmarks/gpu_memory.py --only flow_grpo-sd3 flow_grpo-sd3-plain --models-dir /tmp/random_models
-    python benchmarks/gpu_memory.py --list                # the configurations and the README values they run
+    python benchmarks/gpu_memory.py --list                # the configurations and the command values they run
     python benchmarks/gpu_memory.py --tiny                # the same code path on tiny models, CPU, seconds
 
 Results of several invocations into the same --out are merged (rows keyed by configuration name), so the
@@ -54,14 +54,14 @@ CKPT, OFFLOAD = "--gradient-checkpointing", "--offload-text-encoders"
 
 
 # ------------------------------------------------------------------------------------------------
-# The configurations: a README command (found by script and model), minus some memory flags
+# The configurations: a command of docs/real_models.md (found by script and model), minus some memory flags
 # ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Config:
     name: str
     script: str
     family: str  # "sd3" or "flux"
-    drop: tuple[str, ...] = ()  # flags of the README command left out
+    drop: tuple[str, ...] = ()  # flags of the command left out
 
 
 CONFIGS = [
@@ -83,8 +83,9 @@ STAND_IN = "pickscore"
 README_COMMAND = re.compile(r"^    (python (\w+)\.py --model (\S+) .*?)(?=\n    #|\n\n|\Z)", re.S | re.M)
 
 
-def readme_commands(readme: Path = ROOT / "README.md") -> dict[tuple[str, str], list[list[str]]]:
-    """{(script, hub id): [argv after the script name, ...]} of the README's real-model commands."""
+def readme_commands(readme: Path = ROOT / "docs" / "real_models.md") -> dict[tuple[str, str], list[list[str]]]:
+    """{(script, hub id): [argv after the script name, ...]} of the real-model commands (docs/real_models.md, where
+    the README points for them: one per paper and backend)."""
     found: dict[tuple[str, str], list[list[str]]] = {}
     for command, script, model in README_COMMAND.findall(readme.read_text()):
         found.setdefault((script, model), []).append(shlex.split(command.replace("\\\n", " "))[2:])
@@ -94,11 +95,11 @@ def readme_commands(readme: Path = ROOT / "README.md") -> dict[tuple[str, str], 
 def readme_argv(cfg: Config, commands: dict) -> list[str]:
     hits = commands.get((cfg.script, HUB_IDS[cfg.family]), [])
     if len(hits) != 1:
-        raise SystemExit(f"{cfg.name}: the README has {len(hits)} commands `python {cfg.script}.py --model "
-                         f"{HUB_IDS[cfg.family]} ...` (README.md, 'Running on real models'); expected exactly one")
+        raise SystemExit(f"{cfg.name}: docs/real_models.md has {len(hits)} commands `python {cfg.script}.py --model "
+                         f"{HUB_IDS[cfg.family]} ...`; expected exactly one")
     missing = [f for f in cfg.drop if f not in hits[0]]
     if missing:
-        raise SystemExit(f"{cfg.name}: the README command has no {', '.join(missing)} to leave out")
+        raise SystemExit(f"{cfg.name}: the command has no {', '.join(missing)} to leave out")
     return [a for a in hits[0] if a not in cfg.drop]
 
 
@@ -189,7 +190,7 @@ for _kind in ("clip_h", "clip_l"):
         text_config=dict(TINY_CLIP, num_hidden_layers=1), projection_dim=24,
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            image_size=32, patch_size=8))
-TINY_RESOLUTION = 64  # the tiny transformers' position embeddings cover 64 px; full size runs the README's 512
+TINY_RESOLUTION = 64  # the tiny transformers' position embeddings cover 64 px; full size runs the commands' 512
 
 
 def tiny_overrides(args) -> dict:
@@ -489,8 +490,8 @@ def markdown(result: dict) -> str:
         f"{result['device']}; torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}, "
         f"peft {v['peft']}; {result['date']}.",
         "",
-        "Each row runs its README command (`python SCRIPT.py --model HUB_ID ...`, README.md \"Running on real "
-        "models\") in one process with every value of the command, on random weights built from the real configs "
+        "Each row runs its command of docs/real_models.md (`python SCRIPT.py --model HUB_ID ...`, \"The papers' "
+        "settings on one GPU\") in one process with every value of the command, on random weights built from the real configs "
         f"({sizes}), saved in bf16 and loaded as the command says. Shrunk: `--steps {s['steps']}` (s / it is "
         f"{timed}; the first is warm-up), evaluation on {s['eval_prompts']} generated prompts x `--eval-per-prompt "
         f"{s['eval_per_prompt']}` (a real evaluation samples up to 64 images per call, so its peak is understated "
@@ -504,7 +505,7 @@ def markdown(result: dict) -> str:
         "= also loading, prompt encoding, evaluations and the checkpoint; reserved = `max_memory_reserved`, what "
         "the caching allocator held.",
         "",
-        "| run | model | the README command, except | rollouts / it | peak GiB, training | peak GiB, whole run "
+        "| run | model | the command, except | rollouts / it | peak GiB, training | peak GiB, whole run "
         "| reserved GiB | s / it | sample / reward / train s | 1st it s | status |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |",
     ]
@@ -558,7 +559,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny models on the CPU (the same code path, seconds)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run these configurations (see --list)")
-    p.add_argument("--list", action="store_true", help="print the configurations and their README values, then exit")
+    p.add_argument("--list", action="store_true", help="print the configurations and their command values, then exit")
     p.add_argument("--steps", type=int, default=2, help="training iterations per configuration (the first is warm-up)")
     p.add_argument("--eval-prompts", type=int, default=2, help="generated evaluation prompts")
     p.add_argument("--eval-per-prompt", type=int, default=1, help="evaluation images per prompt")

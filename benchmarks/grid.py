@@ -296,6 +296,30 @@ def table(runs: dict, variants: list[str], target: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_table(runs: dict, variants: list[str]) -> str:
+    """Each seed against Flow-GRPO's run of the same seed (same base, same evaluation noise): the gain (final minus
+    first evaluation), the final's difference, and the training minutes to Flow-GRPO's final score of that seed
+    (median over seeds as median_reach; Flow-GRPO's own is when it first reached its final)."""
+    seeds = sorted(s for v, s in runs if v == "flow_grpo")
+    if not seeds:
+        return ""
+    target = {s: runs[("flow_grpo", s)][0][-1]["eval/score"] for s in seeds}
+    lines = ["", "Each seed against Flow-GRPO's run of the same seed (seeds " + ", ".join(map(str, seeds)) + "):", "",
+             "| variant | gain: final − first eval (mean ± sd) | final − Flow-GRPO's final, per seed | "
+             "minutes to Flow-GRPO's final score (seeds that got there) |", "| --- " * 4 + "|"]
+    for v in variants:
+        paired = [s for s in seeds if (v, s) in runs]
+        evals = {s: runs[(v, s)][0] for s in paired}
+        gains = [evals[s][-1]["eval/score"] - evals[s][0]["eval/score"] for s in paired]
+        gain = f"{statistics.fmean(gains):+.3f}" + (f" ± {statistics.stdev(gains):.3f}" if len(gains) > 1 else "")
+        delta = ", ".join(f"{evals[s][-1]['eval/score'] - target[s]:+.3f}" for s in paired)
+        reach = [minutes_to(evals[s][1:], target[s]) for s in paired]
+        med = median_reach(reach)
+        lines.append(f"| {VARIANTS[v][0]} | {gain} | {delta} | {'–' if med is None else f'{med:.1f}'} "
+                     f"({sum(m is not None for m in reach)}/{len(paired)}) |")
+    return "\n".join(lines) + "\n"
+
+
 def command_line(args: Args) -> str:
     """The grid command that produced these runs (the flags that matter, relative paths)."""
     parts = ["python benchmarks/grid.py"]
@@ -332,7 +356,7 @@ def report(args: Args) -> None:
     header = (f"`{command_line(args)}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores; each run "
               f"{budget}, {args.workers} at a time. Minutes are training time (sampling, reward, update), "
               f"evaluations excluded.\n\n")
-    (args.out / "table.md").write_text(header + table(runs, variants, args.target))
+    (args.out / "table.md").write_text(header + table(runs, variants, args.target) + paired_table(runs, variants))
     print((args.out / "table.md").read_text())
     print(f"wrote {args.out / 'evals.csv'}, {args.out / 'curves.png'}, {args.out / 'table.md'}")
 

@@ -33,7 +33,7 @@ def test_tiny_run_has_a_row_per_configuration(tmp_path):
         assert r["seconds"]["per_iteration"] > 0 and r["seconds"]["eval"] > 0 and r["rollouts_per_iteration"] > 0
         assert sum("time/sample" in rec for rec in r["records"]) == result["shrunk"]["steps"]
         assert r["memory_gib"]["training_iteration"] is None  # no CUDA: no memory figures, not zeros
-        assert r["argv"][r["argv"].index("--model") + 1] == r["hub_id"]  # the README's command, as written
+        assert r["argv"][r["argv"].index("--model") + 1] == r["hub_id"]  # the docs/real_models.md command, as written
         assert all(f not in r["argv"] for f in r["dropped"])
     dropped = {r["name"]: set(r["dropped"]) for r in result["rows"]}
     assert dropped["flow_grpo-sd3-plain"] == {G.CKPT, G.OFFLOAD} and dropped["flow_grpo-sd3"] == set()

@@ -57,12 +57,14 @@ def test_every_script_trains_with_every_real_reward(backend, script, prompts, re
 
 
 def readme_reward_sums() -> list[str]:
-    """The distinct --reward values of the README's commands that use real reward models."""
+    """The distinct --reward values of the real-model commands (the README's and those it points to: one per paper
+    and backend in docs/real_models.md, the torchrun ones in docs/many_gpus.md) that use real reward models."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    sums = dict.fromkeys(re.findall(r"--reward ([\w.:,]+)", readme))
+    root = Path(__file__).resolve().parent.parent
+    text = "\n".join((root / name).read_text() for name in ("README.md", "docs/real_models.md", "docs/many_gpus.md"))
+    sums = dict.fromkeys(re.findall(r"--reward ([\w.:,]+)", text))
     return [r for r in sums if all(R.model_keys(part.partition(":")[0]) for part in r.split(","))]
 
 
