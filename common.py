@@ -535,8 +535,9 @@ SD3_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 FLUX_LORA_TARGETS = SD3_LORA_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 
 
-def shapes_policy(unet, text_encoder, tokenizer, device) -> Policy:
-    """The embedded default: pixel space (32x32 RGB in [-1, 1]), so decoding is a rescale."""
+def shapes_policy(unet, text_encoder, tokenizer, device, vae=None) -> Policy:
+    """The embedded world: pixel space (32x32 RGB in [-1, 1]), so decoding is a rescale; with a VAE (a latent
+    shapes base), the latents are decoded as SD3's are, z / scaling_factor + shift_factor."""
     from shapes import MAX_TOKENS, RES
 
     text_encoder = text_encoder.to(device).eval().requires_grad_(False)
@@ -546,19 +547,37 @@ def shapes_policy(unet, text_encoder, tokenizer, device) -> Policy:
                         return_tensors="pt").input_ids.to(dev)
         return {"hidden": text_encoder(ids).last_hidden_state}
 
-    return Policy("shapes", unet.to(device).eval(), encode, lambda x: (x + 1) / 2, (3, RES, RES), device,
-                  text_encoders={"text_encoder": text_encoder})
+    if vae is None:
+        return Policy("shapes", unet.to(device).eval(), encode, lambda x: (x + 1) / 2, (3, RES, RES), device,
+                      text_encoders={"text_encoder": text_encoder})
+    vae = vae.to(device).eval().requires_grad_(False)
+
+    def decode(x):
+        z = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        return vae.decode(z, return_dict=False)[0] / 2 + 0.5
+
+    c, size = unet.config.in_channels, unet.config.sample_size
+    return Policy("shapes", unet.to(device).eval(), encode, decode, (c, size, size), device,
+                  text_encoders={"text_encoder": text_encoder}, vae=vae)
+
+
+def is_shapes_base(model: str | None) -> bool:
+    """A shapes base folder (unet/, text_encoder/, tokenizer/, and vae/ for a latent one) rather than a pipeline."""
+    return model is not None and (Path(model) / "unet").is_dir() and not (Path(model) / "model_index.json").exists()
 
 
 def load_shapes_base(path: Path = SHAPES_BASE):
-    from diffusers import UNet2DConditionModel
+    """(unet, text encoder, tokenizer, vae or None) of a shapes base folder written by pretrain.py."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    path = Path(path)
     if not (path / "unet").is_dir():
         raise SystemExit(f"the shapes base model is missing at {path}: run `python pretrain.py` to rebuild it")
     return (UNet2DConditionModel.from_pretrained(path / "unet").eval(),
             CLIPTextModel.from_pretrained(path / "text_encoder").eval(),
-            CLIPTokenizer.from_pretrained(path / "tokenizer"))
+            CLIPTokenizer.from_pretrained(path / "tokenizer"),
+            AutoencoderKL.from_pretrained(path / "vae").eval() if (path / "vae").is_dir() else None)
 
 
 def _cannot_load(model: str, e: Exception) -> SystemExit:
@@ -660,12 +679,13 @@ BACKENDS = {"StableDiffusion3Pipeline": sd3_policy, "FluxPipeline": flux_policy}
 
 def load_policy(model: str | None, device, mixed_precision: str = "bf16", resolution: int | None = None,
                 gradient_checkpointing: bool = False) -> Policy:
-    """--model None: the embedded shapes base; otherwise the diffusers pipeline at `model` (hub id or local
-    folder), SD3 or FLUX by the `_class_name` of its model_index.json."""
-    if model is None:
+    """--model None: the embedded shapes base; a shapes base folder (pretrain.py's --out): that one; otherwise
+    the diffusers pipeline at `model` (hub id or local folder), SD3 or FLUX by its model_index.json's `_class_name`."""
+    if model is None or is_shapes_base(model):
         if resolution not in (None, 32):
-            raise SystemExit("the shapes world is 32x32 pixels: leave --resolution unset without --model")
-        policy = shapes_policy(*load_shapes_base(), device)
+            raise SystemExit("the shapes world is 32x32 pixels: leave --resolution unset for a shapes base")
+        unet, text_encoder, tokenizer, vae = load_shapes_base(SHAPES_BASE if model is None else Path(model))
+        policy = shapes_policy(unet, text_encoder, tokenizer, device, vae)
     else:
         from diffusers import DiffusionPipeline
 

@@ -9,6 +9,9 @@ The same per-sample loss, weighted by advantages, is what AWM trains with. 10% o
 to the empty prompt so that classifier-free guidance works. The EMA weights are saved.
 
     python pretrain.py                      # ~10 CPU minutes, writes assets/shapes_base
+
+With --vae (a shapes VAE, benchmarks/latent_shapes.py), the UNet learns the VAE's latents instead of pixels, as
+SD3 does (z = (E(x) - shift_factor) * scaling_factor), and the folder written also holds the VAE.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import torch
 import tyro
+from diffusers import AutoencoderKL
 from tqdm import tqdm
 
 import shapes
@@ -50,6 +54,8 @@ class Args:
     """CFG scale of the final evaluation"""
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
+    vae: Path | None = None
+    """a shapes VAE folder: pre-train on its latents (a latent shapes base) instead of on pixels"""
 
 
 def lr_at(step: int, total: int, warmup: int = 100) -> float:
@@ -68,7 +74,16 @@ def rectified_flow_loss(velocity, x0: torch.Tensor) -> torch.Tensor:
     return flow_matching_loss(velocity(x_t, t * 1000), x0, eps).mean()
 
 
+@torch.no_grad()
+def to_latents(vae, x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] -> the VAE's normalised latents (posterior mean), the inverse of shapes_policy's decode."""
+    z = vae.encode(x).latent_dist.mode()
+    return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+
 def main(args: Args) -> None:
+    if args.vae is not None and args.out == SHAPES_BASE:
+        raise SystemExit("--vae: pass --out too (a latent base must not overwrite the shipped pixel base)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device("cpu")
@@ -76,7 +91,9 @@ def main(args: Args) -> None:
     tokenizer = shapes.build_tokenizer()
     text_encoder = shapes.build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
                                              tokenizer.pad_token_id).train()
-    unet = shapes.build_unet().train()
+    vae = None if args.vae is None else AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
+    unet = shapes.build_unet().train() if vae is None else shapes.build_unet(
+        vae.config.latent_channels, shapes.RES // 2 ** (len(vae.config.block_out_channels) - 1)).train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, args.steps))
@@ -90,6 +107,8 @@ def main(args: Args) -> None:
     for step in bar:
         captions = [shapes.random_caption(rng) for _ in range(args.batch_size)]
         x0 = torch.stack([shapes.render_prompt(c, rng) for c in captions]) * 2 - 1  # pixels in [-1, 1]
+        if vae is not None:
+            x0 = to_latents(vae, x0)
         captions = ["" if rng.random() < args.cfg_drop else c for c in captions]
         ids = tokenizer(captions, padding="max_length", max_length=shapes.MAX_TOKENS, return_tensors="pt").input_ids
         loss = rectified_flow_loss(
@@ -111,7 +130,9 @@ def main(args: Args) -> None:
     ema_unet.save_pretrained(args.out / "unet")
     ema_te.save_pretrained(args.out / "text_encoder")
     tokenizer.save_pretrained(args.out / "tokenizer")
-    policy = shapes_policy(ema_unet, ema_te, tokenizer, device)
+    if vae is not None:
+        vae.save_pretrained(args.out / "vae")
+    policy = shapes_policy(ema_unet, ema_te, tokenizer, device, vae)
     prompts = shapes.prompt_split("eval")
     metrics, images = evaluate(policy, prompts, make_reward("shapes"), per_prompt=4, num_steps=args.eval_steps,
                                shift=3.0, guidance=args.eval_guidance, seed=1234)

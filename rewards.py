@@ -46,8 +46,11 @@ def register(name: str):
 def shapes_reward(images, prompts):
     """GenEval analogue on the shapes world: fraction of the prompt's clauses met (partial credit).
     info: strict accuracy (all clauses met), overall and per category."""
-    from shapes import CATEGORIES, score
+    from shapes import CATEGORIES, RES, score
 
+    if tuple(images.shape[-2:]) != (RES, RES):
+        raise ValueError(f"the shapes reward reads the shapes world's {RES}x{RES} images, got "
+                         f"{tuple(images.shape[-2:])}: use it with a shapes base (no --model, or pretrain.py's folder)")
     partial, strict, cats = score(images, prompts)
     info = {"strict": strict}
     for c in CATEGORIES:
@@ -123,7 +126,7 @@ def make_reward(spec: str) -> RewardFn:
             total += w * s
             if len(parts) > 1:
                 info[name] = s
-            info.update(inf)
+            info.update({k if k not in info else f"{name}/{k}": v for k, v in inf.items()})  # no clash overwrites
         return total, info
 
     return reward

@@ -234,15 +234,14 @@ def _classify(m: torch.Tensor, area: int, x0: int, x1: int, y0: int, y1: int) ->
 
 def detect(images: torch.Tensor) -> list[list[Detection]]:
     """Objects found in a batch of images (B, 3, H, W) in [0, 1]."""
-    x = images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1)  # B H W 3
-    dist = ((x[..., None, :] - _PALETTE) ** 2).sum(-1)  # B H W K
-    best, labels = dist.min(-1)
+    x = images.detach().float().cpu().clamp(0, 1)
+    best, labels = palette_distances(x).min(1)  # B H W
     labels = torch.where(best <= MAX_COLOR_DIST, labels, torch.zeros_like(labels))  # off-palette: not an object
     comp = _components(labels)
     ys, xs = torch.meshgrid(torch.arange(RES, dtype=torch.float32), torch.arange(RES, dtype=torch.float32), indexing="ij")
     out = []
     names = list(COLORS)
-    for i in range(x.shape[0]):
+    for i in range(len(x)):
         dets = []
         ids, counts = torch.unique(comp[i], return_counts=True)
         for cid, area in zip(ids.tolist(), counts.tolist()):
@@ -340,13 +339,39 @@ def build_text_encoder(vocab_size: int, bos: int, eos: int, pad: int):
     return CLIPTextModel(cfg).eval()
 
 
-def build_unet():
-    """1M-parameter pixel-space UNet; text cross-attention only at 8x8, which halves the cost on a CPU."""
+def build_unet(channels: int = 3, size: int = RES):
+    """1M-parameter UNet, on pixels (3 x 32 x 32) or on a VAE's latents (channels x size x size); text
+    cross-attention only at its coarsest level, which halves the cost on a CPU."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=RES, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32, 64),
+        sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=(16, 32, 64),
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
     ).eval()
+
+
+LATENT_CHANNELS = 4  # the latent world: 32x32x3 renders <-> 16x16x4 latents
+
+
+def build_vae():
+    """A 0.7M-parameter AutoencoderKL (one 2x downsampling): 3 x 32 x 32 pixels in [-1, 1] <-> 4 x 16 x 16."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, sample_size=RES, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
+    )
+
+
+def palette_labels(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, H, W): index of the nearest palette colour (0 = background), as detect()."""
+    return palette_distances(images).argmin(1)
+
+
+def palette_distances(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, K, H, W) squared RGB distances to the background and the colours."""
+    return ((images[:, None] - _PALETTE.to(images)[None, :, :, None, None]) ** 2).sum(2)

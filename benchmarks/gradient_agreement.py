@@ -54,6 +54,8 @@ class Args:
     """seed of prompts, noise and renders"""
     out: Path | None = None
     """also write the results here as JSON"""
+    model: str | None = None
+    """a shapes base folder (pretrain.py's --out; default: the shipped one)"""
 
 
 class GradientKeeper:
@@ -125,7 +127,7 @@ def main(args: Args) -> dict:
         raise SystemExit(f"--batches {args.batches}: an agreement needs at least 2 batches")
     if args.threads:
         torch.set_num_threads(args.threads)
-    policy = load_policy(None, pick_device("cpu"))
+    policy = load_policy(args.model, pick_device("cpu"))
     policy.add_lora(0, 0.0, [])  # every UNet weight trainable, as flow_grpo.py's default
     results = {}
     for name, fn in (("Flow-GRPO", flow_grpo_gradients), ("supervised", supervised_gradients)):

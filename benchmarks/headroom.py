@@ -36,6 +36,8 @@ class Args:
     """torch CPU threads (0: torch's default)"""
     seed: int = 123
     """seed of the noise"""
+    model: str | None = None
+    """a shapes base folder (pretrain.py's --out; default: the shipped one)"""
 
 
 def group_scores(policy, prompts: list[str], g: int, num_steps: int, noise_level: float, seed: int) -> torch.Tensor:
@@ -52,7 +54,7 @@ def summary(label: str, s: torch.Tensor) -> str:
 def main(args: Args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    policy = load_policy(None, pick_device("cpu"))
+    policy = load_policy(args.model, pick_device("cpu"))
     results = {}
     for split in args.splits:
         prompts = load_prompts(None, split)

@@ -25,7 +25,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import shapes  # noqa: E402
 from common import EMA, evaluate, load_policy, load_prompts, pick_device  # noqa: E402
-from pretrain import rectified_flow_loss  # noqa: E402
+from pretrain import rectified_flow_loss, to_latents  # noqa: E402
 from rewards import make_reward  # noqa: E402
 
 
@@ -54,6 +54,8 @@ class Args:
 def ground_truth_loss(policy, captions: list[str], rng: random.Random) -> torch.Tensor:
     """pretrain.py's rectified-flow loss of the policy's UNet on one rendered ground-truth image per caption."""
     x0 = torch.stack([shapes.render_prompt(c, rng) for c in captions]) * 2 - 1  # pixels in [-1, 1]
+    if "vae" in policy.components:  # a latent shapes base learns the VAE's latents
+        x0 = to_latents(policy.components["vae"], x0)
     hidden = policy.encode(captions)["hidden"]
     return rectified_flow_loss(lambda x_t, t: policy.denoiser(x_t, t, encoder_hidden_states=hidden).sample, x0)
 

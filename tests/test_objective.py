@@ -267,7 +267,8 @@ def test_step_kl_helper_matches_kl_divergence_if_present():
 # Policy.reference(): the base policy after the trainable weights moved
 # ----------------------------------------------------------------------------------------------
 def _shapes_policy():
-    return common.shapes_policy(*common.load_shapes_base(), torch.device("cpu"))
+    unet, text_encoder, tokenizer, _ = common.load_shapes_base()
+    return common.shapes_policy(unet, text_encoder, tokenizer, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("rank", [0, 4])  # 0: full fine-tuning with a frozen copy; 4: LoRA (adapters disabled)

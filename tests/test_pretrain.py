@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def pretrain(out):
+def pretrain(out, *flags):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), "--steps", "3", "--batch-size", "8",
-                           "--eval-steps", "2", "--threads", "1", "--out", str(out)],
+                           "--eval-steps", "2", "--threads", "1", "--out", str(out), *flags],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -28,11 +28,25 @@ def test_pretrain_is_reproducible_and_loads(tmp_path):
         a, b = load_file(tmp_path / "a" / part), load_file(tmp_path / "b" / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    from common import load_shapes_base, shapes_policy
+    from common import load_policy
 
-    policy = shapes_policy(*load_shapes_base(tmp_path / "a"), torch.device("cpu"))
+    policy = load_policy(str(tmp_path / "a"), torch.device("cpu"))  # a shapes base folder is a --model
     x = policy.noise(2)
+    assert x.shape == (2, 3, 32, 32) and "vae" not in policy.components
     assert policy.velocity(x, 0.5, policy.encode(["a circle", "two squares"]), 4.5).shape == x.shape
+
+
+def test_pretrain_on_a_vaes_latents(tmp_path):
+    import shapes
+    from common import load_policy
+
+    vae = shapes.build_vae()
+    vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
+    vae.save_pretrained(tmp_path / "vae")
+    assert "eval/strict/counting" in pretrain(tmp_path / "base", "--vae", str(tmp_path / "vae"))
+    policy = load_policy(str(tmp_path / "base"), torch.device("cpu"))
+    assert policy.latent_shape == (4, 16, 16) and "vae" in policy.components
+    assert policy.decode(policy.noise(2)).shape == (2, 3, 32, 32)
 
 
 def test_shipped_base_is_present_and_small():

@@ -35,6 +35,19 @@ def test_shapes_reward_info_per_category():
     assert info["strict/single_object"][0] == 1 and math.isnan(info["strict/single_object"][1])
 
 
+def test_shapes_reward_refuses_other_sizes():
+    with pytest.raises(ValueError, match="32x32 images, got \\(64, 64\\)"):
+        REWARDS["shapes"](torch.rand(1, 3, 64, 64), ["a circle"])
+
+
+def test_a_sum_keeps_both_rewards_info_when_their_keys_clash(monkeypatch):
+    monkeypatch.setitem(REWARDS, "other", lambda images, prompts: (torch.zeros(len(images)),
+                                                                   {"strict": torch.full((len(images),), 7.0)}))
+    images = torch.stack([S.render_prompt("a circle", random.Random(0))])
+    _, info = make_reward("shapes,other")(images, ["a circle"])
+    assert info["strict"].tolist() == [1.0] and info["other/strict"].tolist() == [7.0]
+
+
 def test_jpeg_rewards_order_flat_and_busy_images():
     flat = torch.full((1, 3, 32, 32), 0.5)
     busy = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
