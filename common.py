@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -535,10 +536,17 @@ SD3_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 FLUX_LORA_TARGETS = SD3_LORA_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 
 
+def vae_decode(vae, x: torch.Tensor) -> torch.Tensor:
+    """SD3's latent convention (FLUX's too, after unpacking): x = (z - shift_factor) * scaling_factor, so
+    z = x / scaling_factor + shift_factor is decoded, and the decoder's [-1, 1] mapped to [0, 1]."""
+    z = x.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    return vae.decode(z, return_dict=False)[0] / 2 + 0.5
+
+
 def shapes_policy(unet, text_encoder, tokenizer, device, vae=None) -> Policy:
     """The embedded world: pixel space (32x32 RGB in [-1, 1]), so decoding is a rescale; with a VAE (a latent
-    shapes base), the latents are decoded as SD3's are, z / scaling_factor + shift_factor."""
-    from shapes import MAX_TOKENS, RES
+    shapes base), the latents are decoded as SD3's are."""
+    from shapes import MAX_TOKENS
 
     text_encoder = text_encoder.to(device).eval().requires_grad_(False)
 
@@ -547,17 +555,11 @@ def shapes_policy(unet, text_encoder, tokenizer, device, vae=None) -> Policy:
                         return_tensors="pt").input_ids.to(dev)
         return {"hidden": text_encoder(ids).last_hidden_state}
 
-    if vae is None:
-        return Policy("shapes", unet.to(device).eval(), encode, lambda x: (x + 1) / 2, (3, RES, RES), device,
-                      text_encoders={"text_encoder": text_encoder})
-    vae = vae.to(device).eval().requires_grad_(False)
-
-    def decode(x):
-        z = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        return vae.decode(z, return_dict=False)[0] / 2 + 0.5
-
-    c, size = unet.config.in_channels, unet.config.sample_size
-    return Policy("shapes", unet.to(device).eval(), encode, decode, (c, size, size), device,
+    if vae is not None:
+        vae = vae.to(device).eval().requires_grad_(False)
+    decode = (lambda x: (x + 1) / 2) if vae is None else functools.partial(vae_decode, vae)
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    return Policy("shapes", unet.to(device).eval(), encode, decode, shape, device,
                   text_encoders={"text_encoder": text_encoder}, vae=vae)
 
 
@@ -623,12 +625,8 @@ def sd3_policy(model: str, device, dtype, resolution: int) -> Policy:
                                               device=dev, max_sequence_length=128)
         return {"hidden": pe, "pooled": pooled}
 
-    def decode(x):
-        z = x.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        return vae.decode(z, return_dict=False)[0] / 2 + 0.5
-
     shape = (pipe.transformer.config.in_channels, resolution // f, resolution // f)
-    return Policy("sd3", pipe.transformer.eval(), encode, decode, shape, device, dtype,
+    return Policy("sd3", pipe.transformer.eval(), encode, functools.partial(vae_decode, vae), shape, device, dtype,
                   text_encoders=_text_encoders(pipe), vae=vae, default_shift=pipe.scheduler.config.get("shift", 3.0))
 
 
@@ -656,9 +654,7 @@ def flux_policy(model: str, device, dtype, resolution: int) -> Policy:
         return {"hidden": pe, "pooled": pooled}
 
     def decode(x):
-        z = FluxPipeline._unpack_latents(x, resolution, resolution, f)  # (B, seq, 64) -> (B, 16, H/8, W/8)
-        z = z.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        return vae.decode(z, return_dict=False)[0] / 2 + 0.5
+        return vae_decode(vae, FluxPipeline._unpack_latents(x, resolution, resolution, f))  # -> (B, 16, H/8, W/8)
 
     sched = pipe.scheduler.config
     if sched.get("use_dynamic_shifting", False):

@@ -233,7 +233,10 @@ def _classify(m: torch.Tensor, area: int, x0: int, x1: int, y0: int, y1: int) ->
 
 
 def detect(images: torch.Tensor) -> list[list[Detection]]:
-    """Objects found in a batch of images (B, 3, H, W) in [0, 1]."""
+    """Objects found in a batch of the world's images (B, 3, RES, RES) in [0, 1]."""
+    if tuple(images.shape[-2:]) != (RES, RES):
+        raise ValueError(f"the shapes scorer reads the shapes world's {RES}x{RES} images, got "
+                         f"{tuple(images.shape[-2:])}: use it with a shapes base (no --model, or pretrain.py's folder)")
     x = images.detach().float().cpu().clamp(0, 1)
     best, labels = palette_distances(x).min(1)  # B H W
     labels = torch.where(best <= MAX_COLOR_DIST, labels, torch.zeros_like(labels))  # off-palette: not an object

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from test_flow_grpo import TINY, records, run
-from test_sampler import GaussianData
+from test_sampler import GaussianData, group_zscores
 
 import dance_grpo
 from common import sde_step, sigma_schedule
@@ -175,12 +175,8 @@ def test_advantages_single_and_several_rewards():
     groups = torch.tensor([0, 0, 0, 1, 1, 1])
     a, b = torch.tensor([0.0, 1.0, 2.0, 5.0, 5.0, 8.0]), torch.tensor([10.0, 0.0, 20.0, -1.0, 1.0, 0.0])
 
-    def z(r):  # independent: per group, population std + 1e-4
-        out = torch.empty(6)
-        for k in (0, 1):
-            m = groups == k
-            out[m] = (r[m] - r[m].mean()) / (r[m].std(unbiased=False) + 1e-4)
-        return out
+    def z(r):
+        return group_zscores(r, groups)
 
     batch = {"groups": groups}
     args = dance_grpo.Args(reward="shapes:1,jpeg_compressibility:0.5", adv_clip=1.2)

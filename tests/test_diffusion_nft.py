@@ -12,7 +12,7 @@ import torch
 import diffusion_nft as nft
 from common import flow_matching_loss, load_shapes_base, sigma_schedule
 from test_flow_grpo import TINY, records, run
-from test_sampler import GaussianData
+from test_sampler import diffusers_dpm_solver_run
 
 
 class LinearPolicy:
@@ -183,18 +183,8 @@ def test_dpm2_matches_diffusers_and_beats_euler():
     """The second-order sampler equals diffusers' DPMSolverMultistepScheduler (2M, midpoint, first-order last step)
     on its flow sigmas, with the exact Gaussian velocity as the model; on a 10-step grid from t = 1 it is closer to
     the exact ODE solution than Euler; Euler is x + (t_next - t) v step by step."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    data = GaussianData(torch.tensor([1.5, -0.5, 0.0, 2.0]), torch.tensor([0.5, 1.0, 2.0, 0.2]))
-    sch = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0,
-                                      solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
-                                      lower_order_final=True, final_sigmas_type="zero")
-    sch.set_timesteps(6)
-    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ref = x.clone()
-    for i, step in enumerate(sch.timesteps):
-        ref = sch.step(data.velocity(ref, sch.sigmas[i], None, 1.0), step, ref).prev_sample
-    assert torch.allclose(nft.ode_sample(data, None, x, sch.sigmas.double(), 1.0, True), ref, atol=1e-6)
+    data, x, sigmas, ref = diffusers_dpm_solver_run()
+    assert torch.allclose(nft.ode_sample(data, None, x, sigmas, 1.0, True), ref, atol=1e-6)
     # FLUX's grid: on SD3's (last sigma 0.009) the 2M extrapolation over the step 0.28 -> 0.009, whose lambda-interval
     # is 5.5x the previous one, overshoots on this Gaussian (docs/diffusion_nft.md, D1)
     sig = sigma_schedule(10, 3.0, "flux").double()

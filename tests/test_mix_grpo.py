@@ -4,7 +4,7 @@ fine Euler solution), multi-reward advantages, window-only training, and the scr
 import pytest
 import torch
 from test_flow_grpo import TINY, records, run
-from test_sampler import GaussianData
+from test_sampler import GaussianData, diffusers_dpm_solver_run, group_zscores
 
 import mix_grpo
 from common import sigma_schedule
@@ -44,18 +44,8 @@ def test_flash_schedule(end, ratio, n_steps):
 def test_dpm_solver_matches_diffusers_dpmsolver_multistep():
     """Our DPM-Solver++(2M) loop on diffusers' flow sigmas equals DPMSolverMultistepScheduler (midpoint,
     first-order first and last steps), with the exact Gaussian velocity as the model."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    data = GaussianData(torch.tensor([1.5, -0.5, 0.0, 2.0]), torch.tensor([0.5, 1.0, 2.0, 0.2]))
-    sch = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0,
-                                      solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
-                                      lower_order_final=True, final_sigmas_type="zero")
-    sch.set_timesteps(6)
-    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ref = x.clone()
-    for i, t in enumerate(sch.timesteps):
-        ref = sch.step(data.velocity(ref, sch.sigmas[i], None, 1.0), t, ref).prev_sample
-    ours = mix_grpo.flash_finish(data, None, x, sch.sigmas.double(), None, None, 1.0)
+    data, x, sigmas, ref = diffusers_dpm_solver_run()
+    ours = mix_grpo.flash_finish(data, None, x, sigmas, None, None, 1.0)
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
 
 
@@ -90,12 +80,8 @@ def test_multi_reward_advantages_sum_or_mean_of_per_reward_zscores():
     groups = torch.tensor([0, 0, 0, 1, 1, 1])
     a, b = torch.tensor([0.0, 1.0, 2.0, 5.0, 5.0, 8.0]), torch.tensor([10.0, 0.0, 20.0, -1.0, 1.0, 0.0])
 
-    def z(r):  # independent: per group, population std + 1e-4
-        out = torch.empty(6)
-        for g in (0, 1):
-            m = groups == g
-            out[m] = (r[m] - r[m].mean()) / (r[m].std(unbiased=False) + 1e-4)
-        return out
+    def z(r):
+        return group_zscores(r, groups)
 
     batch, total = {"groups": groups}, a + 0.5 * b
     info = {"shapes": a, "jpeg_compressibility": b}

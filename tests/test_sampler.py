@@ -125,6 +125,33 @@ class GaussianData:
         return (t - (1 - t) * self.s**2) / var * (x - (1 - t) * self.mu) - self.mu
 
 
+def diffusers_dpm_solver_run(steps: int = 6):
+    """The independent DPM-Solver++(2M) result for the samplers that use it (MixGRPO-Flash, DiffusionNFT):
+    diffusers' DPMSolverMultistepScheduler (midpoint, first-order last step) on its flow sigmas (shift 3), driven by
+    the exact velocity of a per-dimension Gaussian. Returns (data, x_1 in float64, the scheduler's sigmas, x_0)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    data = GaussianData(torch.tensor([1.5, -0.5, 0.0, 2.0]), torch.tensor([0.5, 1.0, 2.0, 0.2]))
+    sch = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0,
+                                      solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
+                                      lower_order_final=True, final_sigmas_type="zero")
+    sch.set_timesteps(steps)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = x.clone()
+    for i, t in enumerate(sch.timesteps):
+        ref = sch.step(data.velocity(ref, sch.sigmas[i], None, 1.0), t, ref).prev_sample
+    return data, x, sch.sigmas.double(), ref
+
+
+def group_zscores(r: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Independent GRPO advantages: per group, (r - mean) / (population std + 1e-4), one group at a time."""
+    out = torch.empty(len(r))
+    for k in groups.unique().tolist():
+        m = groups == k
+        out[m] = (r[m] - r[m].mean()) / (r[m].std(unbiased=False) + 1e-4)
+    return out
+
+
 @pytest.mark.parametrize("a", [0.0, 0.7, 1.0])
 def test_sde_preserves_marginals(a):
     """Sampling N(0, 1) noise with the exact velocity reproduces the data distribution at any noise level.
