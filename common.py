@@ -332,6 +332,7 @@ GRID_PROMPTS = 64  # the evaluation grid shows the first sample of the first thi
 DECODE_CHUNK = 8  # images per VAE decode call: at 512-1024 px the VAE's activations set the peak memory
 ENCODE_CHUNK = 32  # prompts per text-encoder call when filling the prompt cache
 FLUX_MAX_TOKENS = 512  # T5 tokens of FLUX prompts (FluxPipeline's default max_sequence_length)
+SD3_T5_TOKENS = 128  # T5 tokens of SD3 prompts (Flow-GRPO's); a pipeline without T5 gets zeros as long as CLIP's
 
 
 class Policy:
@@ -596,8 +597,9 @@ def _cannot_load(model: str, e: Exception) -> SystemExit:
 
 
 def _load_pipeline(cls, model: str, device, dtype):
-    try:
-        pipe = cls.from_pretrained(model, dtype=dtype)
+    try:  # components saved as absent (e.g. SD3 without T5) are passed as None, or from_pretrained refuses them
+        absent = {k: None for k, v in cls.load_config(model).items() if v == [None, None]}
+        pipe = cls.from_pretrained(model, dtype=dtype, **absent)
     except (OSError, ValueError) as e:
         raise _cannot_load(model, e) from None
     pipe.to(device)
@@ -612,17 +614,19 @@ def _text_encoders(pipe) -> dict:
     return {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
 
 
-def sd3_policy(model: str, device, dtype, resolution: int) -> Policy:
+def sd3_policy(model: str, device, dtype, resolution: int | None) -> Policy:
     """Stable Diffusion 3 / 3.5 through diffusers, from a hub id or a local folder."""
     from diffusers import StableDiffusion3Pipeline
 
     pipe = _load_pipeline(StableDiffusion3Pipeline, model, device, dtype)
     vae = pipe.vae
     f = pipe.vae_scale_factor
+    resolution = resolution or min(512, pipe.default_sample_size * f)  # the shapes pipeline's native 32
+    t5_tokens = SD3_T5_TOKENS if pipe.text_encoder_3 is not None else pipe.tokenizer_max_length
 
     def encode(prompts, dev):
         pe, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
-                                              device=dev, max_sequence_length=128)
+                                              device=dev, max_sequence_length=t5_tokens)
         return {"hidden": pe, "pooled": pooled}
 
     shape = (pipe.transformer.config.in_channels, resolution // f, resolution // f)
@@ -630,7 +634,7 @@ def sd3_policy(model: str, device, dtype, resolution: int) -> Policy:
                   text_encoders=_text_encoders(pipe), vae=vae, default_shift=pipe.scheduler.config.get("shift", 3.0))
 
 
-def flux_policy(model: str, device, dtype, resolution: int) -> Policy:
+def flux_policy(model: str, device, dtype, resolution: int | None) -> Policy:
     """FLUX.1 through diffusers, from a hub id or a local folder.
 
     Latents are packed: 2x2 patches of the VAE's 16 channels become tokens, so the policy's latent is
@@ -644,6 +648,7 @@ def flux_policy(model: str, device, dtype, resolution: int) -> Policy:
     pipe = _load_pipeline(FluxPipeline, model, device, dtype)
     vae = pipe.vae
     f = pipe.vae_scale_factor
+    resolution = resolution or 512
     if resolution % (2 * f):
         raise SystemExit(f"--resolution {resolution}: FLUX packs 2x2 latent patches, so it must be a multiple of {2 * f}")
     side = resolution // (2 * f)  # tokens per row and column
@@ -694,7 +699,7 @@ def load_policy(model: str | None, device, mixed_precision: str = "bf16", resolu
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[mixed_precision]
         if device.type == "cpu":
             dtype = torch.float32  # half precision on the CPU is slow and inexact
-        policy = BACKENDS[name](model, device, dtype, resolution or 512)
+        policy = BACKENDS[name](model, device, dtype, resolution)
     if gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     return policy

@@ -70,7 +70,7 @@ class Args:
     """guidance scale in sampling, training and evaluation; shapes / SD3: classifier-free (1: no CFG, half the
     cost); FLUX: the distilled guidance embedding (FLUX.1-dev: 3.5 typical), one pass either way"""
     resolution: int | None = None
-    """image side in pixels (SD3 / FLUX default 512); the shapes world is fixed at 32"""
+    """image side in pixels (SD3 / FLUX default 512, or an SD3 pipeline's native size if smaller); shapes: 32"""
     lr: float = 1e-4
     """AdamW learning rate"""
     weight_decay: float = 0.0

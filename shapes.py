@@ -356,18 +356,46 @@ def build_unet(channels: int = 3, size: int = RES):
     ).eval()
 
 
-LATENT_CHANNELS = 4  # the latent world: 32x32x3 renders <-> 16x16x4 latents
+LATENT_CHANNELS = 4  # the latent world: 32x32x3 renders <-> 16x16x4 (factor 2) or 8x8x4 (factor 4) latents
 
 
-def build_vae():
-    """A 0.7M-parameter AutoencoderKL (one 2x downsampling): 3 x 32 x 32 pixels in [-1, 1] <-> 4 x 16 x 16."""
+def build_vae(factor: int = 2):
+    """A tiny AutoencoderKL: 3 x 32 x 32 pixels in [-1, 1] <-> 4 x 16 x 16 (factor 2, 0.7M parameters) or
+    4 x 8 x 8 (factor 4, 1.0M)."""
     from diffusers import AutoencoderKL
 
+    channels = {2: (32, 64), 4: (32, 64, 64)}[factor]
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, sample_size=RES, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
+        block_out_channels=channels, down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels), norm_num_groups=32,
     )
+
+
+def build_sd3_pipeline(vae, tokenizer=None):
+    """The shapes world as a tiny StableDiffusion3Pipeline, loaded by the same `sd3` backend as SD3.5-M: a 0.6M
+    SD3 transformer on the VAE's latents (2x2 patches, 4 joint blocks), two small CLIP text encoders with
+    projections (the shapes tokenizer for both), no T5 (the pipeline feeds zeros in its place), SD3's scheduler
+    at shift 3. The transformer's sample size is the latent side, so the pipeline's native size is 32 pixels."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer = tokenizer or build_tokenizer()
+    clip = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, projection_dim=32, max_position_embeddings=MAX_TOKENS,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+    side = RES // 2 ** (len(vae.config.block_out_channels) - 1)
+    transformer = SD3Transformer2DModel(
+        sample_size=side, patch_size=2, in_channels=vae.config.latent_channels,
+        out_channels=vae.config.latent_channels, num_layers=4, attention_head_dim=16, num_attention_heads=4,
+        joint_attention_dim=2 * clip.hidden_size, caption_projection_dim=64,
+        pooled_projection_dim=2 * clip.projection_dim, pos_embed_max_size=side // 2)
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae.eval(),
+        text_encoder=CLIPTextModelWithProjection(clip).eval(), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(clip).eval(), tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None)
 
 
 def palette_labels(images: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """How much of one batch's gradient points where the objective wants? Flow-GRPO against supervised training.
 
-At the shipped base, draw K independent batches, take each method's gradient over every UNet weight, and
+At the shipped base, draw K independent batches, take each method's gradient over every denoiser weight, and
 report the mean cosine similarity between the gradients of different batches, raw and with each weight's
 gradient divided by its RMS over the batches (closer to the step Adam takes). Two noisy estimates
 g_k = mu + noise_k of one expected gradient mu agree, in expectation, by about |mu|^2 / (|mu|^2 + tr(Sigma) / n):
@@ -55,7 +55,7 @@ class Args:
     out: Path | None = None
     """also write the results here as JSON"""
     model: str | None = None
-    """a shapes base folder (pretrain.py's --out; default: the shipped one)"""
+    """a shapes base (pretrain.py's --out: a base folder or, with --sd3, a pipeline); default: the shipped one"""
 
 
 class GradientKeeper:
@@ -128,7 +128,7 @@ def main(args: Args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     policy = load_policy(args.model, pick_device("cpu"))
-    policy.add_lora(0, 0.0, [])  # every UNet weight trainable, as flow_grpo.py's default
+    policy.add_lora(0, 0.0, [])  # every denoiser weight trainable, as flow_grpo.py's default on shapes
     results = {}
     for name, fn in (("Flow-GRPO", flow_grpo_gradients), ("supervised", supervised_gradients)):
         grads = fn(policy, args)

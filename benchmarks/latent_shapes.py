@@ -54,6 +54,8 @@ class Args:
     """weight of the KL of the posterior to N(0, I)"""
     eval_images: int = 1000
     """fresh renders scored after decoding (categories drawn uniformly)"""
+    factor: int = 2
+    """spatial downsampling: 2 (16x16x4 latents) or 4 (8x8x4)"""
     seed: int = 0
     """seed of the renders, the initial weights and the posterior samples"""
     threads: int = 0
@@ -109,7 +111,7 @@ def decoded_scores(vae, n: int, seed: int) -> dict:
 
 
 def train(args: Args):
-    vae = shapes.build_vae().train()
+    vae = shapes.build_vae(args.factor).train()
     opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, args.steps))
     rng = random.Random(args.seed)

@@ -52,12 +52,12 @@ class Args:
 
 
 def ground_truth_loss(policy, captions: list[str], rng: random.Random) -> torch.Tensor:
-    """pretrain.py's rectified-flow loss of the policy's UNet on one rendered ground-truth image per caption."""
+    """pretrain.py's rectified-flow loss of the policy's denoiser (UNet or SD3 transformer) on one rendered ground-truth image per caption."""
     x0 = torch.stack([shapes.render_prompt(c, rng) for c in captions]) * 2 - 1  # pixels in [-1, 1]
     if "vae" in policy.components:  # a latent shapes base learns the VAE's latents
         x0 = to_latents(policy.components["vae"], x0)
-    hidden = policy.encode(captions)["hidden"]
-    return rectified_flow_loss(lambda x_t, t: policy.denoiser(x_t, t, encoder_hidden_states=hidden).sample, x0)
+    cond = policy.encode(captions)
+    return rectified_flow_loss(lambda x_t, timestep: policy.velocity(x_t, timestep / 1000, cond, 1.0), x0)
 
 
 def main(args: Args) -> list[dict]:

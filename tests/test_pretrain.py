@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -47,6 +48,47 @@ def test_pretrain_on_a_vaes_latents(tmp_path):
     policy = load_policy(str(tmp_path / "base"), torch.device("cpu"))
     assert policy.latent_shape == (4, 16, 16) and "vae" in policy.components
     assert policy.decode(policy.noise(2)).shape == (2, 3, 32, 32)
+
+
+def test_pretrain_an_sd3_pipeline_on_a_vaes_latents(tmp_path):
+    import shapes
+    from common import load_policy
+
+    vae = shapes.build_vae(4)
+    vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
+    vae.save_pretrained(tmp_path / "vae")
+    assert "eval/strict/counting" in pretrain(tmp_path / "base", "--vae", str(tmp_path / "vae"), "--sd3", "--pool", "20")
+    assert (tmp_path / "base" / "model_index.json").is_file()  # a diffusers pipeline folder, saved without T5
+    policy = load_policy(str(tmp_path / "base"), torch.device("cpu"))  # resolution unset: the native 32 px
+    assert policy.backend == "sd3" and policy.latent_shape == (4, 8, 8) and "text_encoder_3" not in policy.components
+    assert policy.decode(policy.noise(2)).shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("flags, error", [(["--sd3"], "--sd3 needs --vae"), (["--pool", "64"], "--pool needs --vae")])
+def test_latent_options_need_a_vae(tmp_path, flags, error):
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *flags, "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and error in proc.stderr
+
+
+def test_sd3_pretraining_encodes_prompts_as_the_sd3_backend(tmp_path):
+    """What pre-training feeds the transformer is what the `sd3` backend feeds it after loading the saved folder
+    (the same CLIP layers, pooled vectors and zero T5 tokens), so RL starts from the model pre-training made."""
+    import pretrain
+    import shapes
+    from common import load_policy
+
+    vae = shapes.build_vae(4).eval()
+    vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
+    pipe, models, velocity = pretrain.build_base(pretrain.Args(sd3=True, vae=tmp_path), shapes.build_tokenizer(), vae,
+                                                 torch.device("cpu"))
+    pipe.save_pretrained(tmp_path / "base")
+    policy = load_policy(str(tmp_path / "base"), torch.device("cpu"))
+    captions = ["a red circle", "two blue squares", ""]
+    x, sigma = torch.randn(3, 4, 8, 8), torch.tensor([0.2, 0.5, 0.9])
+    with torch.no_grad():
+        torch.testing.assert_close(policy.velocity(x, sigma, policy.encode(captions), 1.0),
+                                   velocity(x, sigma * 1000, captions), atol=1e-5, rtol=1e-5)
 
 
 def test_shipped_base_is_present_and_small():
