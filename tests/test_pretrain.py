@@ -95,3 +95,21 @@ def test_shipped_base_is_present_and_small():
     base = ROOT / "assets" / "shapes_base"
     size = sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
     assert (base / "unet" / "diffusion_pytorch_model.safetensors").is_file() and size < 10 * 2**20
+
+
+def test_pool_batches_pair_each_caption_with_its_render():
+    """--pool draws batches from renders encoded once: every caption must stay with its own render (the identity
+    stands in for the VAE here, so the shapes scorer can read the pooled 'latents')."""
+    import random
+    from types import SimpleNamespace
+
+    import pretrain
+    import shapes
+
+    identity = SimpleNamespace(config=SimpleNamespace(shift_factor=0.0, scaling_factor=1.0),
+                               encode=lambda x: SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x)))
+    stream = pretrain.batches(pretrain.Args(pool=300, batch_size=64), identity, random.Random(0))
+    for _ in range(3):
+        captions, x0 = next(stream)
+        assert len(captions) == len(x0) == 64 and len(set(captions)) > 1
+        assert shapes.score((x0 + 1) / 2, captions)[1].min() == 1  # each render reads as its own caption
