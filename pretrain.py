@@ -123,8 +123,8 @@ def build_base(args: Args, tokenizer, vae, device):
         return pipe, [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2], velocity
     te = shapes.build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
                                    tokenizer.pad_token_id)
-    unet = shapes.build_unet() if vae is None else shapes.build_unet(
-        vae.config.latent_channels, shapes.RES // 2 ** (len(vae.config.block_out_channels) - 1))
+    unet = shapes.build_unet() if vae is None else shapes.build_unet(vae.config.latent_channels,
+                                                                     shapes.latent_side(vae))
 
     def velocity(x_t, timestep, captions):
         ids = tokenizer(captions, padding="max_length", max_length=shapes.MAX_TOKENS, return_tensors="pt").input_ids

@@ -372,6 +372,11 @@ def build_vae(factor: int = 2):
     )
 
 
+def latent_side(vae) -> int:
+    """The side of a shapes VAE's latents: 32 pixels halved at each of its downsamplings."""
+    return RES // 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def build_sd3_pipeline(vae, tokenizer=None):
     """The shapes world as a tiny StableDiffusion3Pipeline, loaded by the same `sd3` backend as SD3.5-M: a 0.6M
     SD3 transformer on the VAE's latents (2x2 patches, 4 joint blocks), two small CLIP text encoders with
@@ -385,7 +390,7 @@ def build_sd3_pipeline(vae, tokenizer=None):
                           num_attention_heads=4, projection_dim=32, max_position_embeddings=MAX_TOKENS,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id)
-    side = RES // 2 ** (len(vae.config.block_out_channels) - 1)
+    side = latent_side(vae)
     transformer = SD3Transformer2DModel(
         sample_size=side, patch_size=2, in_channels=vae.config.latent_channels,
         out_channels=vae.config.latent_channels, num_layers=4, attention_head_dim=16, num_attention_heads=4,
