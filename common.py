@@ -1,6 +1,6 @@
 """What every algorithm shares: the sigma schedule, the SDE step with its log-probability, rollouts,
-the policy wrapper over a backend (shapes / SD3 / FLUX) with LoRA and a reference context, prompt-embedding
-cache, group advantages, evaluation, logging, image grids, checkpoints and resume.
+the policy wrapper over a backend (SD3, the shapes world's too, and FLUX) with LoRA and a reference context,
+prompt-embedding cache, group advantages, evaluation, logging, image grids, checkpoints and resume.
 
 Conventions (rectified flow, as SD3 / FLUX): t = sigma in [0, 1], x_t = (1 - t) * x0 + t * eps,
 the model predicts the velocity v = eps - x0, sampling integrates from t = 1 (noise) to t = 0 (data).
@@ -180,8 +180,8 @@ def sigma_schedule(num_steps: int, shift: float, spacing: str = "sd3") -> torch.
     """num_steps + 1 sigmas from 1 down to 0, as the model's diffusers pipeline spaces them, plus the final 0.
 
     Both spacings end with the shift s -> shift * s / (1 + (shift - 1) * s) (FLUX: shift = e^mu). Before it:
-    - "sd3" (SD3 and shapes): FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps) spaces
-      sigmas linearly between 1 and its shifted sigma_min (training ends at t = 1/1000), then shifts them;
+    - "sd3" (SD3, the shapes world too): FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps)
+      spaces sigmas linearly between 1 and its shifted sigma_min (training ends at t = 1/1000), then shifts them;
     - "flux": FluxPipeline hands the scheduler linspace(1, 1/T, T), so the last nonzero sigma is much larger
       (T = 10, shift 3: 0.25 against 0.0089)."""
     if num_steps < 1:
@@ -463,9 +463,7 @@ class Policy:
 
     def _denoise(self, x, sigma: torch.Tensor, cond: dict, guidance: float | None) -> torch.Tensor:
         with self._autocast():
-            if self.backend == "shapes":  # diffusers' timestep convention: t = 1000 sigma
-                out = self.denoiser(x, sigma * 1000, encoder_hidden_states=cond["hidden"], return_dict=False)[0]
-            elif self.backend == "sd3":
+            if self.backend == "sd3":  # diffusers' timestep convention: t = 1000 sigma
                 out = self.denoiser(hidden_states=x.to(self.dtype), timestep=sigma * 1000,
                                     encoder_hidden_states=cond["hidden"], pooled_projections=cond["pooled"],
                                     return_dict=False)[0]
@@ -477,7 +475,7 @@ class Policy:
         return out.float()
 
     def velocity(self, x, sigma, cond: dict, guidance: float) -> torch.Tensor:
-        """v_theta(x, sigma | c). shapes / SD3: with guidance w > 1, CFG v_u + w * (v_c - v_u) against the
+        """v_theta(x, sigma | c). SD3: with guidance w > 1, CFG v_u + w * (v_c - v_u) against the
         empty prompt (a second, unconditional pass). FLUX (guidance-distilled): w is fed to the
         transformer's guidance embedding, one pass, no CFG (ignored by models without guidance_embeds)."""
         b = len(x)
@@ -527,7 +525,6 @@ def weight_memory(policy: Policy) -> str:
     return f"weight memory (activations not included): {'; '.join(parts)}; total {gib(total)}"
 
 
-SHAPES_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out"]
 SD3_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 # FLUX, as Flow-GRPO's FLUX trainer: the same attention names (the double blocks' joint attention, and to_q / to_k /
@@ -543,45 +540,6 @@ def vae_decode(vae, x: torch.Tensor) -> torch.Tensor:
     return vae.decode(z, return_dict=False)[0] / 2 + 0.5
 
 
-def shapes_policy(unet, text_encoder, tokenizer, device, vae=None) -> Policy:
-    """The embedded world: pixel space (32x32 RGB in [-1, 1]), so decoding is a rescale; with a VAE (a latent
-    shapes base), the latents are decoded as SD3's are."""
-    from shapes import MAX_TOKENS
-
-    text_encoder = text_encoder.to(device).eval().requires_grad_(False)
-
-    def encode(prompts, dev):
-        ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                        return_tensors="pt").input_ids.to(dev)
-        return {"hidden": text_encoder(ids).last_hidden_state}
-
-    if vae is not None:
-        vae = vae.to(device).eval().requires_grad_(False)
-    decode = (lambda x: (x + 1) / 2) if vae is None else functools.partial(vae_decode, vae)
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    return Policy("shapes", unet.to(device).eval(), encode, decode, shape, device,
-                  text_encoders={"text_encoder": text_encoder}, vae=vae)
-
-
-def is_shapes_base(model: str | None) -> bool:
-    """A shapes base folder (unet/, text_encoder/, tokenizer/, and vae/ for a latent one) rather than a pipeline."""
-    return model is not None and (Path(model) / "unet").is_dir() and not (Path(model) / "model_index.json").exists()
-
-
-def load_shapes_base(path: Path = SHAPES_BASE):
-    """(unet, text encoder, tokenizer, vae or None) of a shapes base folder written by pretrain.py."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    path = Path(path)
-    if not (path / "unet").is_dir():
-        raise SystemExit(f"the shapes base model is missing at {path}: run `python pretrain.py` to rebuild it")
-    return (UNet2DConditionModel.from_pretrained(path / "unet").eval(),
-            CLIPTextModel.from_pretrained(path / "text_encoder").eval(),
-            CLIPTokenizer.from_pretrained(path / "tokenizer"),
-            AutoencoderKL.from_pretrained(path / "vae").eval() if (path / "vae").is_dir() else None)
-
-
 def _cannot_load(model: str, e: Exception) -> SystemExit:
     cause = f"cannot load --model {model!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}\n"
     folder = Path(model).expanduser()
@@ -595,12 +553,16 @@ def _cannot_load(model: str, e: Exception) -> SystemExit:
         f"huggingface_hub < 1.0; gated models need `hf auth login` first), or pass a local folder.")
 
 
-def _load_pipeline(cls, model: str, device, dtype):
+def _load_pipeline(cls, model: str, dtype):
     try:  # components saved as absent (e.g. SD3 without T5) are passed as None, or from_pretrained refuses them
         absent = {k: None for k, v in cls.load_config(model).items() if v == [None, None]}
-        pipe = cls.from_pretrained(model, dtype=dtype, **absent)
+        return cls.from_pretrained(model, dtype=dtype, **absent)
     except (OSError, ValueError) as e:
         raise _cannot_load(model, e) from None
+
+
+def _frozen(pipe, device):
+    """The pipeline on `device`, every model frozen and in eval mode (the policy unfreezes what it trains)."""
     pipe.to(device)
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
@@ -613,14 +575,17 @@ def _text_encoders(pipe) -> dict:
     return {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
 
 
-def sd3_policy(model: str, device, dtype, resolution: int | None) -> Policy:
-    """Stable Diffusion 3 / 3.5 through diffusers, from a hub id or a local folder."""
-    from diffusers import StableDiffusion3Pipeline
-
-    pipe = _load_pipeline(StableDiffusion3Pipeline, model, device, dtype)
+def sd3_policy(pipe, device, dtype=torch.float32, resolution: int | None = None) -> Policy:
+    """A diffusers StableDiffusion3Pipeline as a policy: SD3 / 3.5, or the shapes world's tiny one."""
+    pipe = _frozen(pipe, device)
     vae = pipe.vae
     f = pipe.vae_scale_factor
-    resolution = resolution or min(512, pipe.default_sample_size * f)  # the shapes pipeline's native 32
+    native = min(512, pipe.default_sample_size * f)  # the shapes pipeline's: 32
+    largest = (pipe.transformer.config.pos_embed_max_size or 0) * pipe.transformer.config.patch_size * f
+    if resolution and largest and resolution > largest:  # SD3's position embedding is cropped from this many patches
+        raise SystemExit(f"--resolution {resolution}: this pipeline's transformer generates at most {largest}x{largest}"
+                         f" px (pos_embed_max_size); pass at most {largest}, or leave it unset for {native}")
+    resolution = resolution or native
     t5_tokens = SD3_T5_TOKENS if pipe.text_encoder_3 is not None else pipe.tokenizer_max_length
 
     def encode(prompts, dev):
@@ -633,8 +598,8 @@ def sd3_policy(model: str, device, dtype, resolution: int | None) -> Policy:
                   text_encoders=_text_encoders(pipe), vae=vae, default_shift=pipe.scheduler.config.get("shift", 3.0))
 
 
-def flux_policy(model: str, device, dtype, resolution: int | None) -> Policy:
-    """FLUX.1 through diffusers, from a hub id or a local folder.
+def flux_policy(pipe, device, dtype=torch.float32, resolution: int | None = None) -> Policy:
+    """A diffusers FluxPipeline (FLUX.1) as a policy.
 
     Latents are packed: 2x2 patches of the VAE's 16 channels become tokens, so the policy's latent is
     (seq_len, 64) with seq_len = (H / 16) * (W / 16); text ids (zeros) and image ids (row, column) are built
@@ -644,7 +609,7 @@ def flux_policy(model: str, device, dtype, resolution: int | None) -> Policy:
     from diffusers import FluxPipeline
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    pipe = _load_pipeline(FluxPipeline, model, device, dtype)
+    pipe = _frozen(pipe, device)
     vae = pipe.vae
     f = pipe.vae_scale_factor
     resolution = resolution or 512
@@ -674,48 +639,47 @@ def flux_policy(model: str, device, dtype, resolution: int | None) -> Policy:
                   text_encoders=_text_encoders(pipe), vae=vae, default_shift=shift, extra_inputs=ids)
 
 
-BACKENDS = {"StableDiffusion3Pipeline": sd3_policy, "FluxPipeline": flux_policy}
-
-
 def load_policy(model: str | None, device, mixed_precision: str = "bf16", resolution: int | None = None,
                 gradient_checkpointing: bool = False) -> Policy:
-    """--model None: the embedded shapes base; a shapes base folder (pretrain.py's --out): that one; otherwise
-    the diffusers pipeline at `model` (hub id or local folder), SD3 or FLUX by its model_index.json's `_class_name`."""
-    if model is None or is_shapes_base(model):
-        if resolution not in (None, 32):
-            raise SystemExit("the shapes world is 32x32 pixels: leave --resolution unset for a shapes base")
-        unet, text_encoder, tokenizer, vae = load_shapes_base(SHAPES_BASE if model is None else Path(model))
-        policy = shapes_policy(unet, text_encoder, tokenizer, device, vae)
-    else:
-        from diffusers import DiffusionPipeline
+    """The diffusers pipeline at `model` (hub id or local folder; None: the embedded shapes world's, a tiny
+    StableDiffusion3Pipeline in assets/), SD3 or FLUX by its model_index.json's `_class_name`."""
+    from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 
-        try:
-            name = DiffusionPipeline.load_config(model)["_class_name"]
-        except (OSError, ValueError) as e:
-            raise _cannot_load(model, e) from None
-        if name not in BACKENDS:
-            raise SystemExit(f"--model {model!r} is a {name}; supported: {', '.join(BACKENDS)}")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[mixed_precision]
-        if device.type == "cpu":
-            dtype = torch.float32  # half precision on the CPU is slow and inexact
-        policy = BACKENDS[name](model, device, dtype, resolution)
+    backends = {"StableDiffusion3Pipeline": (StableDiffusion3Pipeline, sd3_policy),
+                "FluxPipeline": (FluxPipeline, flux_policy)}
+    if model is None and not (SHAPES_BASE / "model_index.json").is_file():
+        raise SystemExit(f"the shapes base model is missing at {SHAPES_BASE}: run `python pretrain.py` to rebuild it")
+    model = str(SHAPES_BASE) if model is None else model
+    try:
+        name = DiffusionPipeline.load_config(model)["_class_name"]
+    except (OSError, ValueError) as e:
+        raise _cannot_load(model, e) from None
+    if name not in backends:
+        raise SystemExit(f"--model {model!r} is a {name}; supported: {', '.join(backends)}")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[mixed_precision]
+    if device.type == "cpu":
+        dtype = torch.float32  # half precision on the CPU is slow and inexact
+    cls, make_policy = backends[name]
+    policy = make_policy(_load_pipeline(cls, model, dtype), device, dtype, resolution)
     if gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     return policy
 
 
-DEFAULT_LORA_RANK = {"shapes": 0, "sd3": 32, "flux": 64}  # shapes: every weight; SD3 / FLUX: the references' LoRA
+DEFAULT_LORA_RANK = {"sd3": 32, "flux": 64}  # the reference trainers' LoRA
+FULL_FINETUNE_BELOW = 10_000_000  # denoiser parameters: smaller ones (the shapes world's) train every weight
 
 
 def lora_config(policy: Policy, rank: int | None, alpha: float | None) -> tuple[int, float]:
-    """--lora-rank and --lora-alpha resolved: unset rank -> the backend's default, unset alpha -> 2 x rank."""
-    rank = DEFAULT_LORA_RANK[policy.backend] if rank is None else rank
+    """--lora-rank and --lora-alpha resolved: unset rank -> 0 (every weight) for a denoiser under 10M parameters,
+    else the backend's default; unset alpha -> 2 x rank."""
+    if rank is None:
+        small = sum(p.numel() for p in policy.denoiser.parameters()) < FULL_FINETUNE_BELOW
+        rank = 0 if small else DEFAULT_LORA_RANK[policy.backend]
     return rank, 2.0 * rank if alpha is None else alpha
 
 
 def lora_targets(policy: Policy) -> list[str]:
-    if policy.backend == "shapes":
-        return SHAPES_LORA_TARGETS
     return SD3_LORA_TARGETS if policy.backend == "sd3" else FLUX_LORA_TARGETS
 
 
@@ -881,8 +845,9 @@ class Logger:
             self.wandb.finish()
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, scale: int = 1) -> None:
-    """Save (B, 3, H, W) images in [0, 1] as one PNG grid with 2-pixel white gutters."""
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
+    """Save (B, 3, H, W) images in [0, 1] as one PNG grid with 2-pixel white gutters; images under 128 pixels
+    (the shapes world's 32) are enlarged by an integer factor to at least 128, nearest-neighbour."""
     from PIL import Image
 
     b, _, h, w = images.shape
@@ -894,6 +859,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, scale: int = 1) -
         grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = img
     arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     im = Image.fromarray(arr)
+    scale = -(-128 // max(h, w))
     if scale > 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     im.save(path)

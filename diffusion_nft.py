@@ -43,7 +43,7 @@ from rewards import make_reward
 class Args:
     # ---- shared by every script (TRY NOT TO MODIFY: the same text in every script) ----
     model: str | None = None
-    """diffusers SD3 or FLUX pipeline (hub id or local folder); unset: the embedded shapes base, no download"""
+    """diffusers SD3 or FLUX pipeline (hub id or local folder); unset: the embedded shapes world's tiny SD3 pipeline"""
     reward: str = "shapes"
     """reward name, or a weighted sum such as 'shapes:1.0,jpeg_compressibility:0.1'"""
     prompts: str | None = None
@@ -65,7 +65,7 @@ class Args:
     eval_num_steps: int = 20
     """ODE steps of evaluation (more than num_steps: the paper's denoising reduction)"""
     shift: float | None = None
-    """time shift of the sigma schedule; unset: the model's own: 3.0 for shapes and SD3, FLUX's
+    """time shift of the sigma schedule; unset: the model's own: 3.0 for SD3 and shapes, FLUX's
     resolution-dependent e^mu"""
     guidance: float = 1.0
     """guidance scale in sampling, training and evaluation; shapes / SD3: classifier-free (1: no CFG, half the
@@ -79,8 +79,8 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
     lora_rank: int | None = None
-    """LoRA rank; 0 fine-tunes every weight of the denoiser (the reference is then a frozen copy); unset: the
-    backend's default: shapes 0, SD3 32, FLUX 64 (the reference trainers' LoRA)"""
+    """LoRA rank; 0 fine-tunes every weight of the denoiser (the reference is then a frozen copy); unset: 0 for
+    a denoiser under 10M parameters (the shapes world's), else SD3 32, FLUX 64 (the reference trainers' LoRA)"""
     lora_alpha: float | None = None
     """LoRA alpha (scale alpha / rank); unset: 2 x rank (SD3 64, FLUX 128, as the reference trainers)"""
     ema_decay: float = 0.9
@@ -329,8 +329,7 @@ def main(args: Args) -> dict:
            f"{args.minibatches} minibatches = up to {args.minibatches} optimiser steps"
            f"{f' in micro-batches of {args.micro_batch}' if args.micro_batch else ''}; "
            f"{args.steps} iterations = up to {args.steps * args.minibatches} optimiser steps")
-    if policy.backend != "shapes":
-        print0(weight_memory(policy))
+    print0(weight_memory(policy))
     if args.dry_run:
         print0("--dry-run: exiting before training")
         return {}
@@ -365,7 +364,7 @@ def main(args: Args) -> dict:
             metrics, images = evaluate(policy, eval_prompts, reward_fn, args.eval_per_prompt, args.eval_num_steps,
                                        args.shift, args.guidance, seed=args.seed + 10_000)  # split over the ranks
         if rank == 0:
-            save_grid(images, run_dir / f"eval_{step:05d}.png", nrow=8, scale=4 if policy.backend == "shapes" else 1)
+            save_grid(images, run_dir / f"eval_{step:05d}.png", nrow=8)
         metrics["time/eval"] = time.time() - t0
         logger.log(step, metrics, wall_offset)
         return metrics

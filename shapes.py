@@ -6,7 +6,9 @@ Three parts, each usable on its own:
   * a renderer of ground-truth 32x32 images for any prompt of the grammar (pre-training data);
   * a scorer that parses a prompt into clauses and checks each clause on an image with a tiny
     rule-based detector (palette classification, connected components, fill ratio, centroids).
-    Reward = fraction of clauses met (partial credit, like Flow-GRPO's GenEval reward); strict = all met.
+    Reward = fraction of clauses met (partial credit, like Flow-GRPO's GenEval reward); strict = all met;
+  * the base model's architecture: a tiny VAE (32x32x3 <-> 8x8x4) and a tiny StableDiffusion3Pipeline on its
+    latents, with a CLIP tokenizer built in code (pretrain.py trains them; assets/shapes_base holds the result).
 """
 
 from __future__ import annotations
@@ -301,7 +303,7 @@ def score(images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch
 
 
 # ----------------------------------------------------------------------------------------------
-# The tiny base model: a CLIP text encoder (tokenizer built in code) and a pixel-space UNet
+# The tiny base model: a StableDiffusion3Pipeline on a tiny VAE's latents, CLIP tokenizer built in code
 # ----------------------------------------------------------------------------------------------
 MAX_TOKENS = 12  # "<bos> a yellow triangle and a green square <eos>" and padding
 
@@ -331,29 +333,6 @@ def build_clip_tokenizer(corpus: list[str], vocab_size: int, max_length: int):
 def build_tokenizer():
     """The shapes world's tokenizer: merges learned on every prompt of the grammar."""
     return build_clip_tokenizer([p for ps in all_prompts().values() for p in ps], 600, MAX_TOKENS)
-
-
-def build_text_encoder(vocab_size: int, bos: int, eos: int, pad: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=MAX_TOKENS, bos_token_id=bos,
-                         eos_token_id=eos, pad_token_id=pad)
-    return CLIPTextModel(cfg).eval()
-
-
-def build_unet(channels: int = 3, size: int = RES):
-    """1M-parameter UNet, on pixels (3 x 32 x 32) or on a VAE's latents (channels x size x size); text
-    cross-attention only at its coarsest level, which halves the cost on a CPU."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
-        block_out_channels=(16, 32, 64),
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
-    ).eval()
 
 
 LATENT_CHANNELS = 4  # the latent world: 32x32x3 renders <-> 16x16x4 (factor 2) or 8x8x4 (factor 4) latents

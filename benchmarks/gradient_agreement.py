@@ -55,7 +55,7 @@ class Args:
     out: Path | None = None
     """also write the results here as JSON"""
     model: str | None = None
-    """a shapes base (pretrain.py's --out: a base folder or, with --sd3, a pipeline); default: the shipped one"""
+    """a shapes base pipeline (pretrain.py's --out); default: the shipped one"""
 
 
 class GradientKeeper:

@@ -37,7 +37,7 @@ class Args:
     seed: int = 123
     """seed of the noise"""
     model: str | None = None
-    """a shapes base (pretrain.py's --out: a base folder or, with --sd3, a pipeline); default: the shipped one"""
+    """a shapes base pipeline (pretrain.py's --out); default: the shipped one"""
 
 
 def group_scores(policy, prompts: list[str], g: int, num_steps: int, noise_level: float, seed: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """How far can 15 CPU minutes move the shapes base at all? Supervised fine-tuning on the ground truth.
 
-Continues pre-training the shipped base (the UNet only; the text encoder stays frozen, as in the RL
+Continues pre-training the shipped base (the transformer only; the text encoders stay frozen, as in the RL
 scripts) with pretrain.py's rectified-flow loss on rendered ground-truth images of the *training*
 prompts, the prompts the RL scripts sample from. A dense, exact target for every image, where RL gets one
 scalar reward: not a bound on RL, but a yardstick of how fast the base moves in a given time.
@@ -52,10 +52,9 @@ class Args:
 
 
 def ground_truth_loss(policy, captions: list[str], rng: random.Random) -> torch.Tensor:
-    """pretrain.py's rectified-flow loss of the policy's denoiser (UNet or SD3 transformer) on one rendered ground-truth image per caption."""
-    x0 = torch.stack([shapes.render_prompt(c, rng) for c in captions]) * 2 - 1  # pixels in [-1, 1]
-    if "vae" in policy.components:  # a latent shapes base learns the VAE's latents
-        x0 = to_latents(policy.components["vae"], x0)
+    """pretrain.py's rectified-flow loss of the policy's denoiser on the VAE's latents of one rendered ground-truth
+    image per caption."""
+    x0 = to_latents(policy.components["vae"], torch.stack([shapes.render_prompt(c, rng) for c in captions]) * 2 - 1)
     cond = policy.encode(captions)
     return rectified_flow_loss(lambda x_t, timestep: policy.velocity(x_t, timestep / 1000, cond, 1.0), x0)
 
@@ -65,11 +64,11 @@ def main(args: Args) -> list[dict]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     policy = load_policy(None, pick_device("cpu"))  # pick_device sets flush-denormal on the CPU
-    unet = policy.denoiser.requires_grad_(True)
+    denoiser = policy.denoiser.requires_grad_(True)
     train, held_out = load_prompts(None, "train"), load_prompts(None, "eval")
     reward = make_reward("shapes")
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
-    ema = EMA(list(unet.parameters()), args.ema)
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=args.lr, weight_decay=0.0)
+    ema = EMA(list(denoiser.parameters()), args.ema)
     rng = random.Random(args.seed)
     records: list[dict] = []
 
@@ -91,7 +90,7 @@ def main(args: Args) -> list[dict]:
         loss = ground_truth_loss(policy, [rng.choice(train) for _ in range(args.batch_size)], rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), 1.0)
         opt.step()
         ema.update()
         step += 1

@@ -30,14 +30,12 @@ def tiny_flux_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_shapes_policy():
-    """A shapes policy over a freshly built (random) UNet and text encoder."""
+    """The `sd3` policy of a freshly built (random) shapes pipeline: the shipped base's architecture."""
     import shapes
-    from common import shapes_policy
+    from common import sd3_policy
 
     torch.manual_seed(0)
-    tok = shapes.build_tokenizer()
-    te = shapes.build_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-    return shapes_policy(shapes.build_unet(), te, tok, torch.device("cpu"))
+    return sd3_policy(shapes.build_sd3_pipeline(shapes.build_vae(4)), torch.device("cpu"))
 
 
 @pytest.fixture
@@ -45,7 +43,7 @@ def trainable_policy(tiny_shapes_policy):
     """tiny_shapes_policy with every weight trainable (full fine-tuning, frozen reference copy) for one
     test; its weights and frozen state are restored afterwards."""
     policy = tiny_shapes_policy
-    saved = {n: p.detach().clone() for n, p in policy.denoiser.named_parameters()}
+    saved = {n: p.detach().clone() for n, p in policy.denoiser.state_dict().items()}
     policy.add_lora(0, 0, [])
     yield policy
     policy.denoiser.requires_grad_(False)

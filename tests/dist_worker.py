@@ -81,9 +81,7 @@ def one_update(name: str, out_dir: Path, rank: int, world: int) -> None:
     import shapes
 
     torch.manual_seed(0)
-    tok = shapes.build_tokenizer()
-    te = shapes.build_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-    policy = common.shapes_policy(shapes.build_unet(), te, tok, torch.device("cpu"))
+    policy = common.sd3_policy(shapes.build_sd3_pipeline(shapes.build_vae(4)), torch.device("cpu"))
     policy.add_lora(0, 0.0, [])
     opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.1)
     state = mod.init_state(policy, args)

@@ -13,14 +13,15 @@ def test_awm_loss_with_unit_advantages_is_the_pretraining_loss(tiny_shapes_polic
     policy = tiny_shapes_policy
     args = awm.Args(weighting="mse", beta=0.0, ema_kl_beta=0.0, guidance=1.0)
     g = torch.Generator().manual_seed(0)
-    x0, noise = torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     cond = policy.encode(["a circle", "two squares", "a red square", "a circle left of a square"])
     t = torch.tensor(0.7)
     with torch.no_grad():
         loss = awm.awm_terms(policy, cond, x0, torch.ones(4), t, noise, {}, args)[0].mean()
-        # pretrain.py's objective, written out: v = unet(x_t, 1000 t | c), ||v - (eps - x0)||^2
+        # pretrain.py's objective, written out: v = transformer(x_t, 1000 t | c), ||v - (eps - x0)||^2
         x_t = (1 - t) * x0 + t * noise
-        v = policy.denoiser(x_t, (t * 1000).expand(4), encoder_hidden_states=cond["hidden"]).sample
+        v = policy.denoiser(hidden_states=x_t, timestep=(t * 1000).expand(4), encoder_hidden_states=cond["hidden"],
+                            pooled_projections=cond["pooled"]).sample
         ref = ((v - (noise - x0)) ** 2).mean()
     assert torch.allclose(loss, ref, rtol=1e-5)
 
@@ -29,7 +30,7 @@ def test_awm_gradient_moves_away_from_low_advantage_samples(trainable_policy):
     policy = trainable_policy
     args = awm.Args(weighting="mse", beta=0.0, ema_kl_beta=0.0, guidance=1.0)
     g = torch.Generator().manual_seed(1)
-    x0, noise = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     cond = policy.encode(["a circle", "a circle"])
     adv, t = torch.tensor([1.0, -1.0]), torch.tensor(0.6)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import awm
+import common
 import flow_grpo
 import g2rpo
 import mix_grpo
@@ -96,7 +97,7 @@ def test_flux_guidance_is_one_pass_with_the_embedding(flux_policy):
     assert v.shape == x.shape and flux_policy.uncond is None
 
 
-def test_flux_packed_latents_and_lora_targets(flux_policy):
+def test_flux_packed_latents_and_lora_targets(flux_policy, sd3_policy, monkeypatch):
     assert flux_policy.latent_shape == (16, 64)  # (64 / 16)^2 tokens of 16 channels x 2 x 2
     images = flux_policy.decode(flux_policy.noise(3))
     assert images.shape == (3, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
@@ -108,7 +109,10 @@ def test_flux_packed_latents_and_lora_targets(flux_policy):
     reference = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
                  "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                  "ff_context.net.2"]
-    assert lora_config(flux_policy, None, None) == (64, 128.0) and lora_config(flux_policy, 8, None) == (8, 16.0)
+    assert lora_config(flux_policy, 8, None) == (8, 16.0)
+    assert lora_config(flux_policy, None, None) == lora_config(sd3_policy, None, None) == (0, 0.0)  # tiny: every weight
+    monkeypatch.setattr(common, "FULL_FINETUNE_BELOW", 0)  # as big as the real models: their references' LoRA
+    assert lora_config(flux_policy, None, None) == (64, 128.0) and lora_config(sd3_policy, None, None) == (32, 64.0)
 
     def adapted(targets):
         model = copy.deepcopy(flux_policy.denoiser)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import diffusion_nft as nft
-from common import flow_matching_loss, load_shapes_base, sigma_schedule
+from common import flow_matching_loss, load_policy, sigma_schedule
 from test_flow_grpo import TINY, records, run
 from test_sampler import diffusers_dpm_solver_run
 
@@ -72,7 +72,7 @@ def test_loss_matches_an_independent_float64_computation():
 
 def shapes_case(policy, n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x0, eps = torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)
+    x0, eps = torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 4, 8, 8, generator=g)
     cond = policy.encode(["a red circle", "two blue squares", "a green triangle above a red circle"][:n])
     return cond, x0, eps, torch.tensor([1.0, 0.7, 0.3])[:n]
 
@@ -91,7 +91,8 @@ def test_unit_rewards_give_the_flow_matching_loss_scaled(trainable_policy):
     state = nft.init_state(policy, nft.Args())  # old = theta
     # independently: pretrain.py's denoiser call and common's flow-matching loss
     x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
-    v = policy.denoiser(x_t, t * 1000, encoder_hidden_states=cond["hidden"]).sample
+    v = policy.denoiser(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=cond["hidden"],
+                        pooled_projections=cond["pooled"]).sample
     scale = 5 * t / (v - (eps - x0)).abs().mean(dim=(1, 2, 3)).detach()
     ref = scale * flow_matching_loss(v, x0, eps)
     ref_grads = grads(policy, ref.sum())
@@ -206,7 +207,7 @@ def test_runs_on_shapes_trains_and_resumes(tmp_path):
     assert [r["step"] for r in train] == [1, 2, 3]
     assert all(math.isfinite(r["loss/policy"]) and r["loss/kl"] >= 0 and r["train/old_dev"] >= 0 for r in train)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    base = load_shapes_base()[0].state_dict()
+    base = load_policy(None, torch.device("cpu")).denoiser.state_dict()
     moved = max((w - base[n]).abs().max().item() for n, w in ckpt["trainable"].items())
     assert moved > 1e-5 and ckpt["state"]["updates"] == 6  # 3 iterations x 2 minibatches
 

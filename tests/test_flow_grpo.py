@@ -39,7 +39,7 @@ def test_runs_on_shapes_and_resumes(tmp_path):
                 "time/train", "time/forward", "time/backward", "wall_time"):
         assert key in train[-1], key
     assert train[-1]["loss/kl"] >= 0 and train[-1]["time/forward"] > 0
-    assert all(r["train/onpolicy_ratio_err"] == 0.0 for r in train)  # float32: the first minibatch's ratio is 1
+    assert all(r["train/onpolicy_ratio_err"] < 1e-6 for r in train)  # float32: the first minibatch's ratio is 1
     assert 0 <= evals[-1]["eval/score"] <= 1 and "eval/strict/counting" in evals[-1]
     assert (out / "checkpoint.pt").is_file() and (out / "eval_00002.png").is_file()
     assert any(f.name.startswith("events.out.tfevents") for f in out.iterdir())
@@ -66,7 +66,7 @@ def test_runs_on_tiny_sd3_pipeline(tmp_path, tiny_sd3_dir):
     (["--reward", "nope"], "unknown reward 'nope'"),
     (["--device", "cuda"], "no CUDA device is available"),
     (["--model", "no-such-org/no-such-model"], "hf download no-such-org/no-such-model"),
-    (["--resolution", "64"], "32x32"),
+    (["--resolution", "64"], "at most 32x32 px"),
     (["--resume", "/nonexistent/run"], "no checkpoint"),
 ])
 def test_bad_arguments_fail_clearly(tmp_path, args, message):

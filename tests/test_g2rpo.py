@@ -29,7 +29,7 @@ def test_completion_ends_with_the_references_x0_prediction(tiny_shapes_policy, k
     it evaluates; rollout on granular_schedule must give the same image."""
     policy, sig = tiny_shapes_policy, sigma_schedule(6, 3.0)
     cond = policy.encode(["a circle", "two squares"])
-    y = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     ref_sched = torch.cat([sig[:k + 2], sig[k + 2::lam]])
     with torch.no_grad():
         z = y

@@ -267,20 +267,19 @@ def test_step_kl_helper_matches_kl_divergence_if_present():
 # Policy.reference(): the base policy after the trainable weights moved
 # ----------------------------------------------------------------------------------------------
 def _shapes_policy():
-    unet, text_encoder, tokenizer, _ = common.load_shapes_base()
-    return common.shapes_policy(unet, text_encoder, tokenizer, torch.device("cpu"))
+    return common.load_policy(None, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("rank", [0, 4])  # 0: full fine-tuning with a frozen copy; 4: LoRA (adapters disabled)
 def test_reference_is_the_base_after_training(rank):
     policy = _shapes_policy()
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 3, 32, 32, generator=g)
+    x = torch.randn(3, 4, 8, 8, generator=g)
     cond = policy.encode(["a red circle", "two squares", "a blue triangle"])
     sigma = torch.tensor([1.0, 0.6, 0.2])
     with torch.no_grad():
         v_base = {w: policy.velocity(x, sigma, cond, w) for w in (1.0, 2.0)}  # before any adapter or training
-    policy.add_lora(rank, 2.0 * rank, common.SHAPES_LORA_TARGETS if rank else [])
+    policy.add_lora(rank, 2.0 * rank, common.SD3_LORA_TARGETS if rank else [])
     params = policy.trainable_parameters()
     assert params and not any(p.requires_grad for n, p in policy.denoiser.named_parameters()
                               if rank and "lora" not in n)

@@ -204,7 +204,7 @@ def test_short_run_trains(runs, name):
     train = [x for x in recs if "reward/mean" in x]
     assert [x["step"] for x in train] == [1, 2, 3]
     assert all(x["adv/abs_mean"] > 0 for x in train), "rewards must vary within groups for the run to train"
-    base = common.load_shapes_base()[0].state_dict()
+    base = common.load_policy(None, torch.device("cpu")).denoiser.state_dict()
     trained = _load(r["straight"])["trainable"]
     assert set(trained) <= set(base), "the shapes default fine-tunes the denoiser's own weights"
     moved = max((trained[k] - base[k]).abs().max().item() for k in trained)
