@@ -46,7 +46,7 @@ class Args:
     """training prompts, one per line; unset: the shapes world's train split"""
     eval_prompts: str | None = None
     """held-out evaluation prompts, one per line; unset: the shapes world's eval split"""
-    steps: int = 100
+    steps: int = 600
     """training iterations (sample, score, update)"""
     max_minutes: float = 0.0
     """budget of training minutes (sampling, reward, update; evaluations excluded): stop after the iteration that
