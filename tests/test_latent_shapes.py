@@ -33,3 +33,18 @@ def test_palette_labels_are_the_detectors():
                          for c in [shapes.BACKGROUND, *shapes.COLORS.values()]], 1)
     torch.testing.assert_close(d, brute)
     assert torch.equal(shapes.palette_labels(x), brute.argmin(1))
+
+
+def test_evaluation_grids_enlarge_small_images(tmp_path):
+    """The shapes world's 32 px images are drawn 4x (nearest neighbour) in the grids; 512 px ones as they are."""
+    from PIL import Image
+
+    small = torch.rand(3, 3, 32, 32)
+    common.save_grid(small, tmp_path / "small.png", nrow=8)
+    with Image.open(tmp_path / "small.png") as im:
+        assert im.size == ((3 * 34 + 2) * 4, 36 * 4)
+        cell = torch.tensor(list(im.getdata())).view(im.size[1], im.size[0], 3)[8:8 + 128, 8:8 + 128]
+    assert torch.equal(cell[::4, ::4], (small[0].permute(1, 2, 0) * 255).round().to(cell.dtype))
+    common.save_grid(torch.rand(1, 3, 160, 160), tmp_path / "large.png")
+    with Image.open(tmp_path / "large.png") as im:
+        assert im.size == (164, 164)
