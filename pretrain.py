@@ -94,10 +94,15 @@ def lr_at(step: int, total: int, warmup: int = 100) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
 
 
+def ground_truth(captions: list[str], rng: random.Random) -> torch.Tensor:
+    """One ground-truth render of each caption, pixels in [-1, 1] (the VAE's input range)."""
+    return torch.stack([shapes.render_prompt(c, rng) for c in captions]) * 2 - 1
+
+
 def renders(n: int, rng: random.Random) -> tuple[list[str], torch.Tensor]:
     """n random captions over the six categories and one ground-truth render of each, pixels in [-1, 1]."""
     captions = [shapes.random_caption(rng) for _ in range(n)]
-    return captions, torch.stack([shapes.render_prompt(c, rng) for c in captions]) * 2 - 1
+    return captions, ground_truth(captions, rng)
 
 
 # ----------------------------------------------------------------------------------------------

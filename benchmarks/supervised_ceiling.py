@@ -23,9 +23,8 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import shapes  # noqa: E402
 from common import EMA, evaluate, load_policy, load_prompts, pick_device  # noqa: E402
-from pretrain import rectified_flow_loss, to_latents  # noqa: E402
+from pretrain import ground_truth, rectified_flow_loss, to_latents  # noqa: E402
 from rewards import make_reward  # noqa: E402
 
 
@@ -54,7 +53,7 @@ class Args:
 def ground_truth_loss(policy, captions: list[str], rng: random.Random) -> torch.Tensor:
     """pretrain.py's rectified-flow loss of the policy's denoiser on the VAE's latents of one rendered ground-truth
     image per caption."""
-    x0 = to_latents(policy.components["vae"], torch.stack([shapes.render_prompt(c, rng) for c in captions]) * 2 - 1)
+    x0 = to_latents(policy.components["vae"], ground_truth(captions, rng))
     cond = policy.encode(captions)
     return rectified_flow_loss(lambda x_t, timestep: policy.velocity(x_t, timestep / 1000, cond, 1.0), x0)
 
