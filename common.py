@@ -575,17 +575,26 @@ def _text_encoders(pipe) -> dict:
     return {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
 
 
+def check_resolution(kind: str, resolution: int | None, transformer: dict, vae: dict) -> None:
+    """Stops on a --resolution the pipeline cannot generate. It reads only the transformer's and the VAE's
+    configs, so load_policy calls it before any weights load (and each policy again on its pipeline)."""
+    f = 2 ** (len(vae["block_out_channels"]) - 1)  # the pipelines' vae_scale_factor
+    if kind == "flux" and resolution and resolution % (2 * f):
+        raise SystemExit(f"--resolution {resolution}: FLUX packs 2x2 latent patches, so it must be a multiple of {2 * f}")
+    largest = (transformer.get("pos_embed_max_size") or 0) * transformer["patch_size"] * f
+    if kind == "sd3" and resolution and largest and resolution > largest:  # SD3 crops its position embedding
+        raise SystemExit(f"--resolution {resolution}: this pipeline's transformer generates at most {largest}x{largest}"
+                         f" px (pos_embed_max_size); pass at most {largest}, or leave it unset for "
+                         f"{min(512, transformer['sample_size'] * f)}")
+
+
 def sd3_policy(pipe, device, dtype=torch.float32, resolution: int | None = None) -> Policy:
     """A diffusers StableDiffusion3Pipeline as a policy: SD3 / 3.5, or the shapes world's tiny one."""
     pipe = _frozen(pipe, device)
     vae = pipe.vae
     f = pipe.vae_scale_factor
-    native = min(512, pipe.default_sample_size * f)  # the shapes pipeline's: 32
-    largest = (pipe.transformer.config.pos_embed_max_size or 0) * pipe.transformer.config.patch_size * f
-    if resolution and largest and resolution > largest:  # SD3's position embedding is cropped from this many patches
-        raise SystemExit(f"--resolution {resolution}: this pipeline's transformer generates at most {largest}x{largest}"
-                         f" px (pos_embed_max_size); pass at most {largest}, or leave it unset for {native}")
-    resolution = resolution or native
+    check_resolution("sd3", resolution, pipe.transformer.config, pipe.vae.config)
+    resolution = resolution or min(512, pipe.default_sample_size * f)  # the shapes pipeline's: 32
     t5_tokens = SD3_T5_TOKENS if pipe.text_encoder_3 is not None else pipe.tokenizer_max_length
 
     def encode(prompts, dev):
@@ -612,9 +621,8 @@ def flux_policy(pipe, device, dtype=torch.float32, resolution: int | None = None
     pipe = _frozen(pipe, device)
     vae = pipe.vae
     f = pipe.vae_scale_factor
+    check_resolution("flux", resolution, pipe.transformer.config, pipe.vae.config)
     resolution = resolution or 512
-    if resolution % (2 * f):
-        raise SystemExit(f"--resolution {resolution}: FLUX packs 2x2 latent patches, so it must be a multiple of {2 * f}")
     side = resolution // (2 * f)  # tokens per row and column
     seq_len = side * side
 
@@ -643,10 +651,10 @@ def load_policy(model: str | None, device, mixed_precision: str = "bf16", resolu
                 gradient_checkpointing: bool = False) -> Policy:
     """The diffusers pipeline at `model` (hub id or local folder; None: the embedded shapes world's, a tiny
     StableDiffusion3Pipeline in assets/), SD3 or FLUX by its model_index.json's `_class_name`."""
-    from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import AutoencoderKL, DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 
-    backends = {"StableDiffusion3Pipeline": (StableDiffusion3Pipeline, sd3_policy),
-                "FluxPipeline": (FluxPipeline, flux_policy)}
+    backends = {"StableDiffusion3Pipeline": ("sd3", StableDiffusion3Pipeline, sd3_policy),
+                "FluxPipeline": ("flux", FluxPipeline, flux_policy)}
     if model is None and not (SHAPES_BASE / "model_index.json").is_file():
         raise SystemExit(f"the shapes base model is missing at {SHAPES_BASE}: run `python pretrain.py` to rebuild it")
     model = str(SHAPES_BASE) if model is None else model
@@ -659,7 +667,12 @@ def load_policy(model: str | None, device, mixed_precision: str = "bf16", resolu
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[mixed_precision]
     if device.type == "cpu":
         dtype = torch.float32  # half precision on the CPU is slow and inexact
-    cls, make_policy = backends[name]
+    kind, cls, make_policy = backends[name]
+    try:
+        configs = [AutoencoderKL.load_config(model, subfolder=part) for part in ("transformer", "vae")]  # config.json
+    except (OSError, ValueError) as e:
+        raise _cannot_load(model, e) from None
+    check_resolution(kind, resolution, *configs)  # before the weights load
     policy = make_policy(_load_pipeline(cls, model, dtype), device, dtype, resolution)
     if gradient_checkpointing:
         policy.enable_gradient_checkpointing()

@@ -28,8 +28,8 @@ import tyro
 from tqdm import tqdm
 
 from common import (EMA, Logger, all_gather_objects, all_reduce, close_distributed, evaluate, gather_scores,
-                    index_cond, init_distributed, load_checkpoint, load_policy, load_prompts, local_minibatches,
-                    lora_config, lora_targets, new_run_dir, pick_device, print0, reduce_metrics, rollout,
+                    index_cond, init_distributed, load_checkpoint, load_policy, load_prompts, lora_config,
+                    lora_targets, new_run_dir, pick_device, print0, reduce_metrics, rollout,
                     save_checkpoint, save_grid, sde_step, seed_everything, step_kl, sync_gradients, to_device,
                     warn_off_policy, weight_memory)
 from rewards import make_reward, parse_reward_spec

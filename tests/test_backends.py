@@ -192,6 +192,18 @@ def test_missing_flux_weights_fail_clearly(tmp_path, tiny_flux_dir):
         load_policy(str(tiny_flux_dir), CPU, resolution=72)
 
 
+def test_a_bad_resolution_stops_before_the_weights_load(monkeypatch, tiny_flux_dir):
+    """load_policy checks --resolution on the configs alone: on SD3.5-M or FLUX a wasted load is minutes."""
+    def no_load(*a, **k):
+        raise AssertionError("the pipeline's weights were loaded before --resolution was checked")
+
+    monkeypatch.setattr(common, "_load_pipeline", no_load)
+    with pytest.raises(SystemExit, match="at most 32x32 px"):
+        load_policy(None, CPU, resolution=64)  # the shapes pipeline: 2 x 2 patches, 4 x 4 positions, factor 4
+    with pytest.raises(SystemExit, match="multiple of 16"):
+        load_policy(str(tiny_flux_dir), CPU, resolution=72)
+
+
 def test_dry_run_prints_the_plan_and_exits(tmp_path, tiny_flux_dir):
     out = tmp_path / "run"
     proc = run("awm.py", "--model", str(tiny_flux_dir), "--resolution", "64", "--dry-run", "--threads", "1",
