@@ -95,3 +95,20 @@ def test_median_reach_counts_unreached_seeds_as_last():
     assert grid.median_reach([2.0, None, None]) is None  # the median seed never reached
     assert grid.median_reach([4.0, 1.0, None, 2.0]) == 3.0  # even count: mean of the middle two
     assert grid.median_reach([4.0, None, None, 2.0]) is None
+
+
+def test_separation_table_names_differences_beyond_twice_the_seed_spread():
+    def finals(*scores):
+        return {s: ([{"eval/score": 0.6}, {"eval/score": x}], [{}]) for s, x in enumerate(scores)}
+
+    runs = {}
+    for v, scores in {"flow_grpo": (0.70, 0.71, 0.72), "awm": (0.80, 0.82, 0.84),
+                      "mix_grpo": (0.66, 0.72, 0.78)}.items():
+        runs.update({(v, s): r for s, r in finals(*scores).items()})
+    rows = {line.split(" | ")[0]: line for line in grid.separation_table(runs, ["flow_grpo", "awm", "mix_grpo"])
+            .splitlines() if line.startswith("| ") and "---" not in line}
+    # AWM - Flow-GRPO = +0.110 > 2 x 0.020 (AWM's sd, the larger); AWM - MixGRPO = +0.100 is beyond twice AWM's
+    # spread but not twice MixGRPO's (0.060), the larger; MixGRPO - Flow-GRPO = +0.010
+    assert rows["| AWM"] == "| AWM | **+0.110** | – | +0.100 |"
+    assert rows["| Flow-GRPO"] == "| Flow-GRPO | – | **-0.110** | -0.010 |"
+    assert rows["| MixGRPO"] == "| MixGRPO | +0.010 | -0.100 | – |"
