@@ -346,7 +346,8 @@ def command_line(args: Args) -> str:
     if args.variants != list(VARIANTS):
         parts.append("--variants " + " ".join(args.variants))
     parts.append("--seeds " + " ".join(map(str, args.seeds)))
-    parts.append(f"--minutes {args.minutes:g}" if args.minutes else f"--iterations {args.iterations}")
+    parts.append(f"--minutes {args.minutes:g} --iterations {args.iterations}" if args.minutes  # a cap with minutes
+                 else f"--iterations {args.iterations}")
     parts.append(f"--workers {args.workers}")
     if args.threads:
         parts.append(f"--threads {args.threads}")
